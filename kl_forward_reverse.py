@@ -838,8 +838,7 @@ def main(args):
                 panels = [("MLE Gaussian", mle_points)] + [
                     (f"{DIVERGENCES[d]['name']}: {table[2 + i * args.seeds, 1]:.2f} in the 0.25 mode",
                      samples[d][0]) for i, d in enumerate(divergences)]
-                figures = {"compare.png": figure_compare(data, panels, {d: results[d][1][..., 0]
-                                                                        for d in divergences})}
+                figures["compare.png"] = figure_compare(data, panels, {d: results[d][1][..., 0] for d in divergences})
             else:
                 d = divergences[0]
                 figures[f"generated_{d}_kl.png"] = figure_fit(
