@@ -701,8 +701,11 @@ class AtomicOutputs:
         return tmp
 
     def __exit__(self, exc_type, exc, tb):
+        umask = os.umask(0)
+        os.umask(umask)
         for tmp, final in self.pending:
             if exc_type is None:
+                os.chmod(tmp, 0o666 & ~umask)          # mkstemp makes 0600 files; outputs get the usual mode
                 os.replace(tmp, final)
             elif os.path.exists(tmp):
                 os.remove(tmp)
@@ -789,21 +792,25 @@ def main(args):
               f"{DIVERGENCES[divergence]['name']} ({args.objective} objective), {args.steps} steps:")
         state, history, train_s = run_training(data, divergence, args, train_key)
         results[divergence] = (state, history, train_s)
-        bad = first_nonfinite_step(history)
-        if (bad >= 0).any():
-            failed[divergence] = bad
+        failed[divergence] = {s: f"first non-finite loss at step {b}"
+                              for s, b in enumerate(first_nonfinite_step(history)) if b >= 0}
     timer.lap("train")
 
     # 7. evaluation, the best single Gaussians beside the trained generators
     (gauss_means, _), exact, table, samples, mle_points = evaluation_compiled.result()(
         [generator_params(results[d][0]) for d in divergences], data, lo, hi, np.float32(threshold), eval_key)
     table, samples = np.asarray(table), dict(zip(divergences, samples))
+    for divergence in divergences:      # a saturated Sigmoid puts every point in one place: finite, but no result
+        spread = np.asarray(samples[divergence]).std(axis=1).min(axis=-1)
+        for s in np.flatnonzero(spread < 1e-5):
+            failed[divergence].setdefault(int(s), "the generator collapsed to a single point")
+    failed = {d: f for d, f in failed.items() if f}
     timer.lap("evaluation")
 
     labels = ["forward-KL Gaussian (MLE)", "reverse-KL Gaussian"]
     for divergence in divergences:
         for s in range(args.seeds):
-            diverged = divergence in failed and failed[divergence][s] >= 0
+            diverged = s in failed.get(divergence, {})
             labels.append(f"{divergence} KL" + (f", seed {s}" if args.seeds > 1 else "") + (" DIVERGED" if diverged else ""))
     print(f"\nevaluation: shares of {NUM_SAMPLES} generated points per row (0.25 mode: the small one; "
           f"low-density: where log p is below P's own {LOW_DENSITY_QUANTILE:.0%} quantile);\n"
@@ -821,8 +828,8 @@ def main(args):
                   f"{np.nanmin(block[:, 2]):.3f}-{np.nanmax(block[:, 2]):.3f}")
 
     if failed:
-        for divergence, bad in failed.items():
-            seeds = [f"seed {s} (first non-finite loss at step {int(b)})" for s, b in enumerate(bad) if b >= 0]
+        for divergence, reasons in failed.items():
+            seeds = [f"seed {s} ({why})" for s, why in sorted(reasons.items())]
             print(f"\nerror: training with {DIVERGENCES[divergence]['name']} diverged: {', '.join(seeds)}.",
                   file=sys.stderr)
         print(f"The rows marked DIVERGED above are not results. Try smaller step sizes than --lr-gen {args.lr_gen:g} "

@@ -429,6 +429,13 @@ def test_cli_divergence_is_reported_and_writes_nothing(tmp_path, env):
     assert not (tmp_path / "x.npz").exists() and not list((tmp_path / "figs").glob("*"))
 
 
+def test_cli_collapsed_generator_is_reported(tmp_path, env):
+    """--lr-gen 10 saturates the generator's Sigmoid: every loss stays finite, but all points land in one place."""
+    r = run(["--lr-gen", "10", "--steps", "1000", "--save-samples", "x.npz", "--no-plot"], env, tmp_path)
+    assert r.returncode == 1 and "collapsed to a single point" in r.stderr, r.stderr
+    assert not (tmp_path / "x.npz").exists()
+
+
 def test_cli_sigterm_leaves_no_partial_output(tmp_path, env):
     p = subprocess.Popen([sys.executable, SCRIPT, "--steps", "3000000", "--out", "figs", "--save-samples", "x.npz"],
                          env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
