@@ -211,7 +211,7 @@ def make_data(key):
 # 3. Layers, stax-style: each is an (init_fun, apply_fun) pair with
 #    init_fun(key, input_shape) -> (output_shape, params) and
 #    apply_fun(params, inputs) -> outputs, so code written for
-#    jax.experimental.stax runs unchanged.
+#    the old stax module runs unchanged.
 # ---------------------------------------------------------------------------
 
 
@@ -278,7 +278,7 @@ critic_init, critic_apply = serial(Dense(32), LeakyRelu, Dense(32), LeakyRelu, D
 
 
 # ---------------------------------------------------------------------------
-# 4. Adam, with the interface of jax.experimental.optimizers.adam.
+# 4. Adam, with the interface of the old optimizers.adam (once in JAX, now removed).
 # ---------------------------------------------------------------------------
 
 
