@@ -38,34 +38,22 @@ T_START = time.perf_counter()
 # ---------------------------------------------------------------------------
 
 
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _number(cast, accepted, what):
+    """An argparse type: cast the text, and refuse it, naming what is accepted, unless accepted(value)."""
+    def parse(text):
+        try:
+            value = cast(text)
+        except ValueError:
+            value = None
+        if value is None or not accepted(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    return parse
 
 
-def _positive_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a finite positive number, got {text!r}")
-    return value
-
-
-def _nonnegative_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**32), got {text!r}")
-    return value
+_positive_int = _number(int, lambda v: v >= 1, "a positive integer")
+_positive_float = _number(float, lambda v: math.isfinite(v) and v > 0, "a finite positive number")
+_seed_int = _number(int, lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -98,7 +86,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=_positive_int, default=64, help="real and generated points per step (>= 1)")
     p.add_argument("--lr-gen", type=_positive_float, default=1e-4, help="generator's Adam step size (> 0)")
     p.add_argument("--lr-disc", type=_positive_float, default=5e-4, help="critic's Adam step size (> 0)")
-    p.add_argument("--seed", type=_nonnegative_int, default=0, help="random seed; the same seed gives the same numbers")
+    p.add_argument("--seed", type=_seed_int, default=0, help="random seed; the same seed gives the same numbers")
     p.add_argument("--seeds", type=_positive_int, default=1,
                    help="independent training runs (seeds) trained at once with vmap (>= 1)")
     p.add_argument("--out", default="out", help="folder for the PNG figures (created if missing)")
@@ -138,7 +126,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax import lax, random  # noqa: E402
 from jax.scipy.special import logsumexp  # noqa: E402
-from jax.scipy.stats import gaussian_kde, multivariate_normal  # noqa: E402
+from jax.scipy.stats import multivariate_normal  # noqa: E402
 
 T_IMPORTED = time.perf_counter()
 
@@ -180,8 +168,6 @@ def component_log_densities(x, lo, hi):
 def mixture_log_density(x, lo, hi):
     """log p(x), P's exact log-density in the scaled coordinates, through logsumexp (no log of zero)."""
     return logsumexp(component_log_densities(x, lo, hi), axis=-1)
-
-
 
 
 # ---------------------------------------------------------------------------
@@ -366,7 +352,8 @@ def post_loss(output, y, divergence):
 
 
 def post_critic_apply(critic_params, x):
-    return jax.nn.sigmoid(critic_apply(critic_params, x))
+    """The post's discriminator: Dense(32), LeakyRelu, Dense(32), LeakyRelu, Dense(1), Sigmoid."""
+    return Sigmoid[1]((), critic_apply(critic_params, x))
 
 
 # ---------------------------------------------------------------------------
@@ -375,12 +362,15 @@ def post_critic_apply(critic_params, x):
 # ---------------------------------------------------------------------------
 
 
-def init_state(key, lr_gen, lr_disc):
-    """Generator and critic parameters (post's shapes), wrapped in their Adam states."""
+def init_state(key):
+    """Generator and critic parameters (post's shapes), wrapped in their Adam states (params, m, v).
+
+    Adam's init does not depend on the step size, so any adam(...)[0] does."""
     gen_key, critic_key = random.split(key)
     _, gen_params = generator_init(gen_key, (-1, LATENT_DIM))
     _, critic_params = critic_init(critic_key, (-1, 2))
-    return adam(lr_gen)[0](gen_params), adam(lr_disc)[0](critic_params)
+    adam_init = adam(step_size=None)[0]
+    return adam_init(gen_params), adam_init(critic_params)
 
 
 def make_train_step(data, divergence, objective="saddle", batch_size=64, lr_gen=1e-4, lr_disc=5e-4):
@@ -436,10 +426,10 @@ def train(train_step, state, key, first_step, num_steps):
     return lax.scan(lambda s, i: train_step(s, i, key), state, first_step + jnp.arange(num_steps))
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def init_states(keys, lr_gen, lr_disc):
+@jax.jit
+def init_states(keys):
     """init_state for each key: the seeds are the leading axis."""
-    return jax.vmap(init_state, in_axes=(0, None, None))(keys, lr_gen, lr_disc)
+    return jax.vmap(init_state)(keys)
 
 
 def generator_params(state):
@@ -470,15 +460,16 @@ def run_training(data, divergence, args, key, log=print):
     Seeds are a leading axis of every array in the state.  One seed is trained without vmap: XLA:CPU runs
     a batch of one matrix product at half the speed of the plain product."""
     keys = seed_keys(key, args.seeds)
-    state = init_states(keys, args.lr_gen, args.lr_disc)
+    state = init_states(keys)
     step = make_train_step(data, divergence, args.objective, args.batch_size, args.lr_gen, args.lr_disc)
     lengths = chunk_lengths(args.steps)
-    chunk = functools.partial(train, step, num_steps=lengths[0])
-    if args.seeds > 1:
-        chunk = jax.vmap(chunk, in_axes=(0, 0, None))
-    else:
-        squeeze, unsqueeze = (lambda t: jax.tree.map(lambda a: a[0], t)), (lambda t: jax.tree.map(lambda a: a[None], t))
-        chunk = (lambda f: lambda s, k, i: unsqueeze(f(squeeze(s), k[0], i)))(chunk)
+    train_chunk = functools.partial(train, step, num_steps=lengths[0])
+
+    def chunk(state, keys, first_step):
+        if args.seeds > 1:
+            return jax.vmap(train_chunk, in_axes=(0, 0, None))(state, keys, first_step)
+        state, history = train_chunk(jax.tree.map(lambda a: a[0], state), keys[0], first_step)
+        return jax.tree.map(lambda a: a[None], (state, history))       # put the seed axis back
     compiled = jax.jit(chunk).lower(state, keys, 0).compile()
     histories, done, train_s = [], 0, 0.0
     for length in lengths:
@@ -578,15 +569,16 @@ def mixture_component_moments(lo, hi):
 
 
 @jax.jit
-def evaluation(gen_params, data, lo, hi, threshold, key):
+def evaluation(gen_params, data, lo, hi, threshold, mle, key):
     """Everything printed at the end, in one compiled call.
 
-    gen_params: a list of stacked generator params (one entry per divergence trained, leading axis = seeds).
+    gen_params: a list of stacked generator params (one entry per divergence trained, leading axis = seeds);
+    mle: the MLE Gaussian (mean, cov) from make_data.
     Returns the best Gaussians under each divergence, their KLs with exact densities, the evaluate()
     row of each Gaussian and each generator (Gaussians first), and the generators' samples."""
     sample_key, fresh_key, real_key, fit_key, exact_key = random.split(key, 5)
     real = data[random.randint(real_key, (NUM_EVAL,), 0, data.shape[0])]
-    mle_mean, mle_cov = fit_gaussian_mle(data)
+    mle_mean, mle_cov = mle
     # reverse KL has a local optimum on each mode: start on the MLE and on each component, keep the best
     comp_means, comp_covs = mixture_component_moments(lo, hi)
     means, covs, kls = jax.vmap(fit_gaussian_reverse_kl, in_axes=(0, 0, None, None, None))(
@@ -773,10 +765,10 @@ def main(args):
     divergences = ("forward", "reverse") if args.compare else ("reverse",) if args.reverse else ("forward",)
     key = random.key(args.seed)
     data_key, train_key, eval_key = random.split(key, 3)
-    data_shape, lo_shape = jax.eval_shape(make_data, data_key)[:2]
-    gen_shape = generator_params(jax.eval_shape(init_states, seed_keys(train_key, args.seeds), args.lr_gen, args.lr_disc))
+    data_shape, lo_shape, _, _, mle_shape = jax.eval_shape(make_data, data_key)
+    gen_shape = generator_params(jax.eval_shape(init_states, seed_keys(train_key, args.seeds)))
     evaluation_compiled = compile_in_background(evaluation, [gen_shape] * len(divergences), data_shape, lo_shape,
-                                                lo_shape, lo_shape, eval_key)
+                                                lo_shape, lo_shape, mle_shape, eval_key)
 
     # 1-2. data and the MLE Gaussian
     data, lo, hi, log_p_data, (mle_mean, mle_cov) = make_data(data_key)
@@ -798,7 +790,8 @@ def main(args):
 
     # 7. evaluation, the best single Gaussians beside the trained generators
     (gauss_means, _), exact, table, samples, mle_points = evaluation_compiled.result()(
-        [generator_params(results[d][0]) for d in divergences], data, lo, hi, np.float32(threshold), eval_key)
+        [generator_params(results[d][0]) for d in divergences], data, lo, hi, np.float32(threshold),
+        (mle_mean, mle_cov), eval_key)
     table, samples = np.asarray(table), dict(zip(divergences, samples))
     for divergence in divergences:      # a saturated Sigmoid puts every point in one place: finite, but no result
         spread = np.asarray(samples[divergence]).std(axis=1).min(axis=-1)

@@ -255,7 +255,7 @@ def data():
 def test_scan_loop_equals_python_loop(data, objective):
     step = K.make_train_step(data[0], "reverse", objective)
     key = random.key(11)
-    state = K.init_state(key, 1e-3, 5e-3)
+    state = K.init_state(key)
     scanned, (bounds, _) = jax.jit(functools.partial(K.train, step, num_steps=6))(state, key, 0)
     jitted = jax.jit(step)
     looped, loop_bounds = state, []
