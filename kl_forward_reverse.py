@@ -81,7 +81,7 @@ def parse_args(argv=None):
                       help="train both divergences and draw MLE | forward | reverse side by side")
     p.add_argument("--objective", choices=("saddle", "post"), default="saddle",
                    help="saddle: the f-GAN game; post: the blog post's Sigmoid critic and generator loss")
-    p.add_argument("--steps", type=_positive_int, default=30000,
+    p.add_argument("--steps", type=_positive_int, default=40000,
                    help="training steps (>= 1); the post used 7000, too few for forward KL to cover both modes")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="real and generated points per step (>= 1)")
     p.add_argument("--lr-gen", type=_positive_float, default=1e-4, help="generator's Adam step size (> 0)")
@@ -120,6 +120,11 @@ if __name__ == "__main__":
         if _path is not None and (_error := check_writable(_path, _is_dir)):
             print(f"kl_forward_reverse.py: error: {'--out' if _is_dir else '--save-samples'}: {_error}", file=sys.stderr)
             sys.exit(2)
+    # One XLA CPU device per core, so that --seeds N trains half the seeds on each core of a 2-core machine
+    # (see run_training).  Only the CPU platform reads this flag; set before JAX is imported.
+    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={os.cpu_count() or 1}").strip()
 
 import jax  # noqa: E402  (after the flags, on purpose: see above)
 import jax.numpy as jnp  # noqa: E402
@@ -458,7 +463,8 @@ def run_training(data, divergence, args, key, log=print):
     """Train args.seeds generators at once. Returns (final states, history (seeds, steps, 2), seconds of training).
 
     Seeds are a leading axis of every array in the state.  One seed is trained without vmap: XLA:CPU runs
-    a batch of one matrix product at half the speed of the plain product."""
+    a batch of one matrix product at half the speed of the plain product.  Several seeds are split over
+    the devices (each CPU core, when run as a script), each device running vmap on its share."""
     keys = seed_keys(key, args.seeds)
     state = init_states(keys)
     step = make_train_step(data, divergence, args.objective, args.batch_size, args.lr_gen, args.lr_disc)
@@ -470,6 +476,15 @@ def run_training(data, divergence, args, key, log=print):
             return jax.vmap(train_chunk, in_axes=(0, 0, None))(state, keys, first_step)
         state, history = train_chunk(jax.tree.map(lambda a: a[0], state), keys[0], first_step)
         return jax.tree.map(lambda a: a[None], (state, history))       # put the seed axis back
+
+    devices = jax.devices()
+    num_devices = max(n for n in range(1, len(devices) + 1) if args.seeds % n == 0)
+    if num_devices > 1:             # the seeds are independent: each device trains its share, no communication
+        mesh = jax.sharding.Mesh(np.array(devices[:num_devices]), ("seeds",))
+        by_seed = jax.sharding.PartitionSpec("seeds")
+        state, keys = jax.device_put((state, keys), jax.sharding.NamedSharding(mesh, by_seed))
+        chunk = jax.shard_map(chunk, mesh=mesh, in_specs=(by_seed, by_seed, jax.sharding.PartitionSpec()),
+                              out_specs=by_seed)
     compiled = jax.jit(chunk).lower(state, keys, 0).compile()
     histories, done, train_s = [], 0, 0.0
     for length in lengths:
@@ -484,7 +499,7 @@ def run_training(data, divergence, args, key, log=print):
             f"{np.nanmedian(recent) if np.isfinite(recent).any() else float('nan'):.3f}{spread}")
         if (first_nonfinite_step(histories[-1]) >= 0).all():
             break                                    # every seed has blown up: the rest would be NaN too
-    return state, np.concatenate(histories, axis=1), train_s
+    return jax.device_put(state, devices[0]), np.concatenate(histories, axis=1), train_s
 
 
 # ---------------------------------------------------------------------------
