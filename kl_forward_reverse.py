@@ -29,6 +29,7 @@ import os
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 T_START = time.perf_counter()
 
@@ -120,9 +121,10 @@ if __name__ == "__main__":
         if _path is not None and (_error := check_writable(_path, _is_dir)):
             print(f"kl_forward_reverse.py: error: {'--out' if _is_dir else '--save-samples'}: {_error}", file=sys.stderr)
             sys.exit(2)
-    # One XLA CPU device per core, so that --seeds N trains half the seeds on each core of a 2-core machine
-    # (see run_training).  Only the CPU platform reads this flag; set before JAX is imported.
-    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    # With several seeds, one XLA CPU device per core, so that a 2-core machine trains half the seeds on each
+    # (see run_training).  One seed keeps one device: a lone device also runs a step's independent matrix
+    # products on the other core, 10% faster.  Only the CPU platform reads this flag; set before JAX is imported.
+    if ARGS.seeds > 1 and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count={os.cpu_count() or 1}").strip()
 
@@ -150,7 +152,8 @@ SMALL_MODE = 1         # index of the 0.25 component in MIXTURE
 def sample_mixture(key, num_blocks=NUM_BLOCKS):
     """The post's data: num_blocks blocks of int(64 w_k) points from each component, stacked. Shape (64 num_blocks, 2)."""
     keys = random.split(key, len(MIXTURE))
-    blocks = [random.multivariate_normal(k, jnp.array(mean), jnp.array(cov), (num_blocks, int(BLOCK_SIZE * w)))
+    # x = mu + L eps, eps ~ N(0, I), with L L^T = Sigma: the components' Cholesky factors are constants
+    blocks = [np.array(mean) + random.normal(k, (num_blocks, int(BLOCK_SIZE * w), 2)) @ np.linalg.cholesky(cov).T
               for k, (w, mean, cov) in zip(keys, MIXTURE)]
     return jnp.concatenate(blocks, axis=1).reshape(-1, 2)
 
@@ -161,13 +164,22 @@ def scale_to_unit(raw):
     return (raw - lo) / (hi - lo), lo, hi
 
 
+def gaussian_log_density(x, mean, cov):
+    """log N(x; mu, Sigma) = -(1/2) (x - mu)^T Sigma^-1 (x - mu) - (1/2) log det(2 pi Sigma), for constant mu, Sigma.
+
+    Sigma^-1 and the log-determinant are worked out once, in NumPy: nothing for XLA to factorise."""
+    centred = x - np.array(mean)
+    precision, (_, log_det) = np.linalg.inv(cov), np.linalg.slogdet(2 * np.pi * np.array(cov))
+    return -0.5 * jnp.sum(centred @ precision * centred, axis=-1) - 0.5 * log_det
+
+
 def component_log_densities(x, lo, hi):
     """log(w_k N(raw; mu_k, Sigma_k)) + 2 log(hi - lo) for each component k, at scaled points x. Shape (..., 2).
 
     raw = lo + x (hi - lo); the Jacobian of the scaling adds 2 log(hi - lo) in two dimensions."""
     raw = lo + x * (hi - lo)
-    return jnp.stack([math.log(w) + multivariate_normal.logpdf(raw, jnp.array(mean), jnp.array(cov))
-                      for w, mean, cov in MIXTURE], axis=-1) + 2 * jnp.log(hi - lo)
+    return jnp.stack([math.log(w) + gaussian_log_density(raw, mean, cov) for w, mean, cov in MIXTURE],
+                     axis=-1) + 2 * jnp.log(hi - lo)
 
 
 def mixture_log_density(x, lo, hi):
@@ -378,22 +390,24 @@ def init_state(key):
     return adam_init(gen_params), adam_init(critic_params)
 
 
-def make_train_step(data, divergence, objective="saddle", batch_size=64, lr_gen=1e-4, lr_disc=5e-4):
-    """Returns train_step(state, i, key) -> (state, (bound, generator_loss)).
+def sample_batch(data, i, key, batch_size=64):
+    """Step i's batch: batch_size data points, drawn with replacement (as the post's np.random.choice), and
+    the generator's uniform noise; from fold_in(key, i) alone, so a step's batch depends on nothing else."""
+    data_key, noise_key = random.split(random.fold_in(key, i))
+    real = data[random.randint(data_key, (batch_size,), 0, data.shape[0])]
+    noise = random.uniform(noise_key, (batch_size, LATENT_DIM))
+    return real, noise
 
-    The batch of step i is drawn from fold_in(key, i): a step depends on nothing but its arguments."""
+
+def make_train_step(divergence, objective="saddle", lr_gen=1e-4, lr_disc=5e-4):
+    """Returns train_step(state, i, (real, noise)) -> (state, (bound, generator_loss)): one critic step, then
+    one generator step.  bound is the critic's estimate of the divergence, F at the step's batch."""
     _, gen_update, gen_params_of = adam(lr_gen)
     _, disc_update, disc_params_of = adam(lr_disc)
 
-    def sample_batch(i, key):
-        data_key, noise_key = random.split(random.fold_in(key, i))
-        real = data[random.randint(data_key, (batch_size,), 0, data.shape[0])]
-        noise = random.uniform(noise_key, (batch_size, LATENT_DIM))
-        return real, noise
-
-    def saddle_step(state, i, key):
+    def saddle_step(state, i, batch):
         gen_state, disc_state = state
-        real, noise = sample_batch(i, key)
+        real, noise = batch
         fake = generator_apply(gen_params_of(gen_state), noise)      # a constant for the critic's step
         d_loss, d_grads = jax.value_and_grad(discriminator_loss)(disc_params_of(disc_state), real, fake, divergence)
         disc_state = disc_update(i, d_grads, disc_state)
@@ -402,12 +416,12 @@ def make_train_step(data, divergence, objective="saddle", batch_size=64, lr_gen=
             gen_params_of(gen_state), disc_params_of(disc_state), noise, divergence)
         return (gen_update(i, g_grads, gen_state), disc_state), (-d_loss, g_loss)
 
-    def post_step(state, i, key):
+    def post_step(state, i, batch):
         """The post's step: two critic updates (data, y=1; generated, y=0) sharing the index i, then the generator."""
         gen_state, disc_state = state
-        real, noise = sample_batch(i, key)
+        real, noise = batch
         fake = generator_apply(gen_params_of(gen_state), noise)
-        ones, zeros = jnp.ones((batch_size, 1)), jnp.zeros((batch_size, 1))
+        ones, zeros = jnp.ones((real.shape[0], 1)), jnp.zeros((real.shape[0], 1))
 
         def critic_loss(params, x, y):
             return post_loss(post_critic_apply(params, x), y, divergence)
@@ -426,9 +440,25 @@ def make_train_step(data, divergence, objective="saddle", batch_size=64, lr_gen=
     return saddle_step if objective == "saddle" else post_step
 
 
-def train(train_step, state, key, first_step, num_steps):
-    """num_steps steps from first_step, fused into one lax.scan. Returns (state, (bound, generator_loss) per step)."""
-    return lax.scan(lambda s, i: train_step(s, i, key), state, first_step + jnp.arange(num_steps))
+DRAW_BLOCK = 500    # steps whose batches are drawn in one vectorised call (see train)
+
+
+def train(train_step, state, data, key, first_step, num_steps, batch_size=64):
+    """num_steps steps from first_step, fused into one lax.scan. Returns (state, (bound, generator_loss) per step).
+
+    Step i trains on sample_batch(data, i, key), as a plain loop would; but the batches are drawn for a
+    block of steps at a time, vmapped.  The numbers are the same, and on a CPU one jax.random call costs
+    about as much as a whole training step (threefry runs there as a small loop of its own), so one call
+    per block, not per step, trains 1.3x faster.  A block divides num_steps, so no step is drawn twice."""
+    block = max(b for b in range(1, min(DRAW_BLOCK, num_steps) + 1) if num_steps % b == 0)
+
+    def train_block(state, first):
+        steps = first + jnp.arange(block)
+        batches = jax.vmap(sample_batch, in_axes=(None, 0, None, None))(data, steps, key, batch_size)
+        return lax.scan(lambda s, step_batch: train_step(s, *step_batch), state, (steps, batches))
+
+    state, history = lax.scan(train_block, state, first_step + block * jnp.arange(num_steps // block))
+    return state, jax.tree.map(lambda h: h.reshape(num_steps), history)
 
 
 @jax.jit
@@ -459,37 +489,59 @@ def seed_keys(key, num_seeds):
     return jax.vmap(lambda i: random.fold_in(key, i))(jnp.arange(num_seeds))
 
 
-def run_training(data, divergence, args, key, log=print):
-    """Train args.seeds generators at once. Returns (final states, history (seeds, steps, 2), seconds of training).
+# Compiling is most of a first run, so how XLA:CPU compiles matters.  Its default optimisation level (3)
+# compiles the training loop 2x slower than level 2, and the code it makes trains 15% slower (measured:
+# about 37,000 against 42,000 steps/s for one seed, the same numbers to the bit).  The programs that run
+# once (data and initialisation, evaluation) compile in half the time with XLA's older fusion code
+# generator and run as fast; the training loop runs a third faster with the newer one.  Other backends
+# (a GPU) compile with their defaults.
+TRAINING_COMPILE = {"xla_backend_optimization_level": 2}
+RUN_ONCE_COMPILE = {"xla_backend_optimization_level": 2, "xla_cpu_use_fusion_emitters": False}
 
-    Seeds are a leading axis of every array in the state.  One seed is trained without vmap: XLA:CPU runs
-    a batch of one matrix product at half the speed of the plain product.  Several seeds are split over
-    the devices (each CPU core, when run as a script), each device running vmap on its share."""
-    keys = seed_keys(key, args.seeds)
-    state = init_states(keys)
-    step = make_train_step(data, divergence, args.objective, args.batch_size, args.lr_gen, args.lr_disc)
-    lengths = chunk_lengths(args.steps)
-    train_chunk = functools.partial(train, step, num_steps=lengths[0])
 
-    def chunk(state, keys, first_step):
+def compile_program(jitted_or_traced, *args, options=RUN_ONCE_COMPILE):
+    """Compile a jitted function for args (arrays or jax.ShapeDtypeStruct), or one already traced (no args)."""
+    traced = jitted_or_traced.trace(*args) if args else jitted_or_traced
+    return traced.lower().compile(compiler_options=options if jax.default_backend() == "cpu" else None)
+
+
+def training_chunk(divergence, args):
+    """chunk(state, keys, data, first_step) -> (state, (bound, generator_loss)), jitted: the next
+    chunk_lengths(args.steps)[0] steps of every seed.  Seeds are the leading axis of state, keys and results.
+
+    One seed is trained without vmap: XLA:CPU runs a batch of one matrix product at half the speed of the
+    plain product.  Several seeds are split over the devices (each CPU core, when run as a script), each
+    device running vmap on its share; the seeds are independent, so the devices never communicate."""
+    step = make_train_step(divergence, args.objective, args.lr_gen, args.lr_disc)
+    train_chunk = functools.partial(train, step, num_steps=chunk_lengths(args.steps)[0], batch_size=args.batch_size)
+
+    def chunk(state, keys, data, first_step):
         if args.seeds > 1:
-            return jax.vmap(train_chunk, in_axes=(0, 0, None))(state, keys, first_step)
-        state, history = train_chunk(jax.tree.map(lambda a: a[0], state), keys[0], first_step)
+            return jax.vmap(train_chunk, in_axes=(0, None, 0, None))(state, data, keys, first_step)
+        state, history = train_chunk(jax.tree.map(lambda a: a[0], state), data, keys[0], first_step)
         return jax.tree.map(lambda a: a[None], (state, history))       # put the seed axis back
 
     devices = jax.devices()
     num_devices = max(n for n in range(1, len(devices) + 1) if args.seeds % n == 0)
-    if num_devices > 1:             # the seeds are independent: each device trains its share, no communication
-        mesh = jax.sharding.Mesh(np.array(devices[:num_devices]), ("seeds",))
-        by_seed = jax.sharding.PartitionSpec("seeds")
-        state, keys = jax.device_put((state, keys), jax.sharding.NamedSharding(mesh, by_seed))
-        chunk = jax.shard_map(chunk, mesh=mesh, in_specs=(by_seed, by_seed, jax.sharding.PartitionSpec()),
-                              out_specs=by_seed)
-    compiled = jax.jit(chunk).lower(state, keys, 0).compile()
+    if num_devices == 1:
+        return jax.jit(chunk)
+    mesh = jax.sharding.Mesh(np.array(devices[:num_devices]), ("seeds",))
+    by_seed, whole = jax.sharding.PartitionSpec("seeds"), jax.sharding.PartitionSpec()
+    chunk = jax.shard_map(chunk, mesh=mesh, in_specs=(by_seed, by_seed, whole, whole), out_specs=by_seed)
+    by_seed, whole = jax.sharding.NamedSharding(mesh, by_seed), jax.sharding.NamedSharding(mesh, whole)
+    return jax.jit(chunk, in_shardings=(by_seed, by_seed, whole, whole), out_shardings=by_seed)
+
+
+def run_training(data, divergence, args, keys, state, chunk=None, log=print):
+    """Train args.seeds generators at once from state (init_states(keys)), printing progress between chunks.
+    chunk: training_chunk(divergence, args), compiled or not.  Returns (final states, history (seeds, steps, 2),
+    seconds spent training)."""
+    chunk = chunk or compile_program(training_chunk(divergence, args), state, keys, data, 0, options=TRAINING_COMPILE)
+    lengths = chunk_lengths(args.steps)
     histories, done, train_s = [], 0, 0.0
     for length in lengths:
         t0 = time.perf_counter()
-        state, (bound, g_loss) = compiled(state, keys, done)
+        state, (bound, g_loss) = chunk(state, keys, data, done)
         histories.append(np.stack([np.asarray(bound), np.asarray(g_loss)], axis=-1))     # waits for the chunk
         train_s += time.perf_counter() - t0
         done += length
@@ -499,7 +551,16 @@ def run_training(data, divergence, args, key, log=print):
             f"{np.nanmedian(recent) if np.isfinite(recent).any() else float('nan'):.3f}{spread}")
         if (first_nonfinite_step(histories[-1]) >= 0).all():
             break                                    # every seed has blown up: the rest would be NaN too
-    return jax.device_put(state, devices[0]), np.concatenate(histories, axis=1), train_s
+    return jax.device_put(state, jax.devices()[0]), np.concatenate(histories, axis=1), train_s
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def start(seed, num_seeds):
+    """Everything a run starts from, from the one --seed, in one compiled call: the data (make_data), the
+    training keys of num_seeds seeds and their initial states, and the evaluation's key."""
+    data_key, train_key, eval_key = random.split(random.key(seed), 3)
+    keys = seed_keys(train_key, num_seeds)
+    return make_data(data_key), keys, init_states(keys), eval_key
 
 
 # ---------------------------------------------------------------------------
@@ -755,16 +816,8 @@ def enable_compilation_cache():
     return path
 
 
-def compile_in_background(jitted, *args):
-    """Start compiling jitted for args (arrays or jax.ShapeDtypeStruct) on a second thread; returns a Future.
-
-    XLA compiles on one core and lets go of the GIL meanwhile, so the other core can train."""
-    from concurrent.futures import ThreadPoolExecutor
-    return ThreadPoolExecutor(max_workers=1).submit(lambda: jitted.lower(*args).compile())
-
-
 def start_plotting_imports():
-    """Import seaborn (with pandas and scipy, about 2 s) on the idle core while JAX compiles and trains."""
+    """Import seaborn (with pandas and scipy: a second of Python) on a thread: it runs while JAX trains."""
     import threading
     import matplotlib
     matplotlib.use("Agg")
@@ -776,20 +829,26 @@ def start_plotting_imports():
 def main(args):
     timer = Timer()
     cache = None if args.no_cache else enable_compilation_cache()
-    plotting = None if args.no_plot else start_plotting_imports()
     divergences = ("forward", "reverse") if args.compare else ("reverse",) if args.reverse else ("forward",)
-    key = random.key(args.seed)
-    data_key, train_key, eval_key = random.split(key, 3)
-    data_shape, lo_shape, _, _, mle_shape = jax.eval_shape(make_data, data_key)
-    gen_shape = generator_params(jax.eval_shape(init_states, seed_keys(train_key, args.seeds)))
-    evaluation_compiled = compile_in_background(evaluation, [gen_shape] * len(divergences), data_shape, lo_shape,
-                                                lo_shape, lo_shape, mle_shape, eval_key)
+    # A first run is mostly compiling.  The training chunk and the evaluation compile on a background thread
+    # (chunk first: it is needed first) from the shapes of their inputs, while this thread compiles and runs
+    # start: XLA lets go of the GIL while it compiles, so the compiles run side by side on two cores.
+    start_traced = start.trace(args.seed, args.seeds)
+    (data_shape, lo_shape, _, _, mle_shape), keys_shape, state_shape, eval_key_shape = start_traced.out_info
+    compiler = ThreadPoolExecutor(max_workers=1)
+    chunks = {d: compiler.submit(compile_program, training_chunk(d, args), state_shape, keys_shape, data_shape, 0,
+                                 options=TRAINING_COMPILE) for d in divergences}
+    evaluation_compiled = compiler.submit(compile_program, evaluation, [generator_params(state_shape)] * len(divergences),
+                                          data_shape, lo_shape, lo_shape, lo_shape, mle_shape, eval_key_shape)
+    compiler.shutdown(wait=False)
+    (data, lo, hi, log_p_data, (mle_mean, mle_cov)), keys, state, eval_key = (
+        compile_program(start_traced)(args.seed))
+    plotting = None if args.no_plot else start_plotting_imports()
 
     # 1-2. data and the MLE Gaussian
-    data, lo, hi, log_p_data, (mle_mean, mle_cov) = make_data(data_key)
     threshold = float(np.quantile(np.asarray(log_p_data), LOW_DENSITY_QUANTILE))   # host sort: no XLA sort to compile
     print(f"data: {data.shape[0]} points, scaled by min {float(lo):.3f} and max {float(hi):.3f}; "
-          f"MLE Gaussian mean ({mle_mean[0]:.3f}, {mle_mean[1]:.3f})")
+          "MLE Gaussian mean ({:.3f}, {:.3f})".format(*np.asarray(mle_mean)))
     timer.lap("data")
 
     # 3-6. training
@@ -797,19 +856,18 @@ def main(args):
     for divergence in divergences:
         print(f"training {args.seeds} generator{'s' if args.seeds > 1 else ''} with "
               f"{DIVERGENCES[divergence]['name']} ({args.objective} objective), {args.steps} steps:")
-        state, history, train_s = run_training(data, divergence, args, train_key)
-        results[divergence] = (state, history, train_s)
+        results[divergence] = run_training(data, divergence, args, keys, state, chunks[divergence].result())
         failed[divergence] = {s: f"first non-finite loss at step {b}"
-                              for s, b in enumerate(first_nonfinite_step(history)) if b >= 0}
+                              for s, b in enumerate(first_nonfinite_step(results[divergence][1])) if b >= 0}
     timer.lap("train")
 
     # 7. evaluation, the best single Gaussians beside the trained generators
-    (gauss_means, _), exact, table, samples, mle_points = evaluation_compiled.result()(
+    (gauss_means, _), exact, table, samples, mle_points = jax.device_get(evaluation_compiled.result()(
         [generator_params(results[d][0]) for d in divergences], data, lo, hi, np.float32(threshold),
-        (mle_mean, mle_cov), eval_key)
-    table, samples = np.asarray(table), dict(zip(divergences, samples))
+        (mle_mean, mle_cov), eval_key))                          # NumPy from here on: nothing more to compile
+    samples = dict(zip(divergences, samples))
     for divergence in divergences:      # a saturated Sigmoid puts every point in one place: finite, but no result
-        spread = np.asarray(samples[divergence]).std(axis=1).min(axis=-1)
+        spread = samples[divergence].std(axis=1).min(axis=-1)
         for s in np.flatnonzero(spread < 1e-5):
             failed[divergence].setdefault(int(s), "the generator collapsed to a single point")
     failed = {d: f for d, f in failed.items() if f}
@@ -848,6 +906,7 @@ def main(args):
     with AtomicOutputs() as out:
         if not args.no_plot:
             plotting.join()
+            data = np.asarray(data)              # on the CPU, a view: NumPy slicing, nothing to compile
             figures = {"mle_fit.png": figure_fit(data, mle_points, "MLE Gaussian (forward-KL optimum)")}
             if args.compare:
                 panels = [("MLE Gaussian", mle_points)] + [
@@ -887,6 +946,11 @@ if __name__ == "__main__":
     import signal
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))   # run the clean-up, as Ctrl-C does
     try:
-        sys.exit(main(ARGS))
+        status = main(ARGS)
     except KeyboardInterrupt:
         sys.exit("interrupted: no partial figure or .npz was left behind")
+    # Every output is written and closed.  Tearing the interpreter down (JAX's runtime, pandas, scipy) would
+    # take another half second and leave nothing different behind, so leave now.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

@@ -252,21 +252,25 @@ def data():
 
 
 @pytest.mark.parametrize("objective", ["saddle", "post"])
-def test_scan_loop_equals_python_loop(data, objective):
-    step = K.make_train_step(data[0], "reverse", objective)
+def test_scan_loop_equals_python_loop(data, objective, monkeypatch):
+    """train (blocks of steps, batches drawn a block at a time, lax.scan) equals a Python loop of jitted steps."""
+    monkeypatch.setattr(K, "DRAW_BLOCK", 4)         # 10 steps: blocks of 2 (the largest divisor <= 4), 5 of them
+    step, real = K.make_train_step("reverse", objective), data[0]
     key = random.key(11)
     state = K.init_state(key)
-    scanned, (bounds, _) = jax.jit(functools.partial(K.train, step, num_steps=6))(state, key, 0)
-    jitted = jax.jit(step)
+    scanned, (bounds, _) = jax.jit(functools.partial(K.train, step, num_steps=10))(state, real, key, 3)
+    jitted_step, jitted_sample = jax.jit(step), jax.jit(K.sample_batch)
     looped, loop_bounds = state, []
-    for i in range(6):
-        looped, (bound, _) = jitted(looped, i, key)
+    for i in range(3, 13):
+        looped, (bound, _) = jitted_step(looped, i, jitted_sample(real, i, key))
         loop_bounds.append(float(bound))
     np.testing.assert_allclose(bounds, loop_bounds, rtol=1e-5, atol=1e-6)
     for a, b in zip(jax.tree.leaves(scanned), jax.tree.leaves(looped)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     moved = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(scanned[0][0]), jax.tree.leaves(state[0][0]))]
     assert all(moved)
+    # a batch depends on its step index: another index, another batch
+    assert not np.allclose(jitted_sample(real, 3, key)[1], jitted_sample(real, 4, key)[1])
 
 
 def settings(**kw):
@@ -285,11 +289,15 @@ def shares(state, data):
             np.asarray(jnp.mean(jax.scipy.special.logsumexp(comps, -1) < threshold, axis=1)))
 
 
+def quiet(*args):
+    pass
+
+
 def test_forward_kl_covers_and_reverse_kl_seeks(data):
     """Default settings, 4 seeds trained in one vmapped call per divergence."""
-    quiet = lambda *a: None  # noqa: E731
-    fwd_state, fwd_hist, _ = K.run_training(data[0], "forward", settings(), random.key(21), log=quiet)
-    rev_state, rev_hist, _ = K.run_training(data[0], "reverse", settings(), random.key(21), log=quiet)
+    keys = K.seed_keys(random.key(21), 4)
+    fwd_state, fwd_hist, _ = K.run_training(data[0], "forward", settings(), keys, K.init_states(keys), log=quiet)
+    rev_state, rev_hist, _ = K.run_training(data[0], "reverse", settings(), keys, K.init_states(keys), log=quiet)
     fwd_small, fwd_low = shares(fwd_state, data)
     rev_small, rev_low = shares(rev_state, data)
     assert np.all(fwd_small >= 0.15) and np.all(fwd_low >= 0.20), (fwd_small, fwd_low)
@@ -302,10 +310,10 @@ def test_forward_kl_covers_and_reverse_kl_seeks(data):
 
 def test_post_objective_does_not_cover(data):
     """The post's objective at its 7000 steps: forward KL seeks a mode too (the saddle objective covers, above)."""
-    quiet = lambda *a: None  # noqa: E731
+    keys = K.seed_keys(random.key(5), 2)
     for d in ("forward", "reverse"):
-        state, _, _ = K.run_training(data[0], d, settings(objective="post", steps=7000, seeds=2), random.key(5),
-                                     log=quiet)
+        state, _, _ = K.run_training(data[0], d, settings(objective="post", steps=7000, seeds=2), keys,
+                                     K.init_states(keys), log=quiet)
         small, _ = shares(state, data)
         assert np.all(small < 0.1), (d, small)
 
