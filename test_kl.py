@@ -447,7 +447,7 @@ def test_cli_collapsed_generator_is_reported(tmp_path, env):
 
 
 def test_cli_sigterm_leaves_no_partial_output(tmp_path, env):
-    p = subprocess.Popen([sys.executable, SCRIPT, "--steps", "3000000", "--out", "figs", "--save-samples", "x.npz"],
+    p = subprocess.Popen([sys.executable, SCRIPT, "--steps", "400000", "--out", "figs", "--save-samples", "x.npz"],
                          env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in p.stdout:                          # wait until it is training
         if line.startswith("training"):
