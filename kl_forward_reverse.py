@@ -349,7 +349,7 @@ def discriminator_loss(critic_params, real, fake, divergence):
     """The critic maximises F: loss = -(E_P[g_f(V)] - E_Q[f*(g_f(V))]).
 
     One pass of the critic over real and generated points together: half as many matrix products, twice
-    as tall, which XLA:CPU runs 10% faster."""
+    as tall, which XLA:CPU runs faster (one seed trains 14% faster)."""
     v = critic_apply(critic_params, jnp.concatenate([real, fake]))
     return -f_gan_objective(v[:len(real)], v[len(real):], divergence)
 
@@ -886,7 +886,6 @@ def main(args):
           f"low-density: where log p is below P's own {LOW_DENSITY_QUANTILE:.0%} quantile);\n"
           f"KL in nats with P's exact density and Q's Gaussian kernel estimate")
     print(format_table(list(zip(labels, table))))
-    exact = np.asarray(exact)
     print(f"(with their exact densities the Gaussians give KL(P||Q) {exact[0, 0]:.3f} (MLE) and KL(Q||P) "
           f"{exact[1, 1]:.3f} (reverse fit, mean ({gauss_means[1, 0]:.3f}, {gauss_means[1, 1]:.3f})): "
           f"the kernel estimate adds its own bias)")
@@ -926,8 +925,8 @@ def main(args):
         if args.save_samples:
             with open(out.path(args.save_samples), "wb") as f:
                 # samples: (seeds, n, 2) in the scaled space; with --compare one array per divergence
-                arrays = ({f"samples_{d}": np.asarray(samples[d]) for d in divergences} if args.compare
-                          else {"samples": np.asarray(samples[divergences[0]])})
+                arrays = ({f"samples_{d}": samples[d] for d in divergences} if args.compare
+                          else {"samples": samples[divergences[0]]})
                 np.savez(f, **arrays, divergence=np.array(divergences), data_min=float(lo), data_max=float(hi),
                          objective=args.objective, steps=args.steps, batch_size=args.batch_size,
                          lr_gen=args.lr_gen, lr_disc=args.lr_disc, seed=args.seed, seeds=args.seeds)
