@@ -122,11 +122,16 @@ if __name__ == "__main__":
             print(f"kl_forward_reverse.py: error: {'--out' if _is_dir else '--save-samples'}: {_error}", file=sys.stderr)
             sys.exit(2)
     # With several seeds, one XLA CPU device per core, so that a 2-core machine trains half the seeds on each
-    # (see run_training).  One seed keeps one device: a lone device also runs a step's independent matrix
-    # products on the other core, 10% faster.  Only the CPU platform reads this flag; set before JAX is imported.
+    # (see run_training).  Only the CPU platform reads this flag; set before JAX is imported.
     if ARGS.seeds > 1 and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count={os.cpu_count() or 1}").strip()
+    # One seed's step is a chain of small kernels, which one thread runs nearly as fast as all cores.  XLA's
+    # CPU client sizes its thread pool from NPROC when it is set: one thread leaves the other cores to what
+    # runs beside the training (the seaborn import, the evaluation's compile), and one seed trains 10 - 20%
+    # faster in the script than when the pool spreads its kernels onto those busy cores.
+    if ARGS.seeds == 1:
+        os.environ.setdefault("NPROC", "1")
 
 import jax  # noqa: E402  (after the flags, on purpose: see above)
 import jax.numpy as jnp  # noqa: E402
@@ -444,17 +449,18 @@ def make_train_step(divergence, objective="saddle", lr_gen=1e-4, lr_disc=5e-4):
     return saddle_step if objective == "saddle" else post_step
 
 
-DRAW_BLOCK = 500    # steps whose batches are drawn in one vectorised call (see train)
+DRAW_BLOCK = 200    # steps of one seed whose batches are drawn in one vectorised call (see train)
 
 
-def train(train_step, state, data, key, first_step, num_steps, batch_size=64):
+def train(train_step, state, data, key, first_step, num_steps, batch_size=64, draw_block=None):
     """num_steps steps from first_step, fused into one lax.scan. Returns (state, (bound, generator_loss) per step).
 
     Step i trains on sample_batch(data, i, key), as a plain loop would; but the batches are drawn for a
     block of steps at a time, vmapped.  The numbers are the same, and on a CPU one jax.random call costs
     about as much as a whole training step (threefry runs there as a small loop of its own), so one call
-    per block, not per step, trains 1.3x faster.  A block divides num_steps, so no step is drawn twice."""
-    block = max(b for b in range(1, min(DRAW_BLOCK, num_steps) + 1) if num_steps % b == 0)
+    per block, not per step, trains 1.3x faster.  A block (at most draw_block steps, DRAW_BLOCK if None)
+    divides num_steps, so no step is drawn twice; it is small enough for its batches to stay in the cache."""
+    block = max(b for b in range(1, min(draw_block or DRAW_BLOCK, num_steps) + 1) if num_steps % b == 0)
 
     def train_block(state, first):
         steps = first + jnp.arange(block)
@@ -516,8 +522,13 @@ def training_chunk(divergence, args):
     One seed is trained without vmap: XLA:CPU runs a batch of one matrix product at half the speed of the
     plain product.  Several seeds are split over the devices (each CPU core, when run as a script), each
     device running vmap on its share; the seeds are independent, so the devices never communicate."""
+    devices = jax.devices()
+    num_devices = max(n for n in range(1, len(devices) + 1) if args.seeds % n == 0)
+    # a device draws the batches of all its seeds at once: DRAW_BLOCK steps of one seed, fewer of several
+    draw_block = max(1, DRAW_BLOCK * num_devices // args.seeds)
     step = make_train_step(divergence, args.objective, args.lr_gen, args.lr_disc)
-    train_chunk = functools.partial(train, step, num_steps=chunk_lengths(args.steps)[0], batch_size=args.batch_size)
+    train_chunk = functools.partial(train, step, num_steps=chunk_lengths(args.steps)[0], batch_size=args.batch_size,
+                                    draw_block=draw_block)
 
     def chunk(state, keys, data, first_step):
         if args.seeds > 1:
@@ -525,8 +536,6 @@ def training_chunk(divergence, args):
         state, history = train_chunk(jax.tree.map(lambda a: a[0], state), data, keys[0], first_step)
         return jax.tree.map(lambda a: a[None], (state, history))       # put the seed axis back
 
-    devices = jax.devices()
-    num_devices = max(n for n in range(1, len(devices) + 1) if args.seeds % n == 0)
     if num_devices == 1:
         return jax.jit(chunk)
     mesh = jax.sharding.Mesh(np.array(devices[:num_devices]), ("seeds",))

@@ -308,6 +308,25 @@ def test_forward_kl_covers_and_reverse_kl_seeks(data):
     assert abs(rev_hist[:, -3000:, 0].mean() - np.log(4 / 3)) < 0.1
 
 
+def test_post_generator_loss_follows_reverse_kl_at_the_optimal_critic():
+    """The post's generator step, post_loss(T(G(z)), y=1) = -E_Q[T], at the optimal forward-KL critic
+    T* = 1 + log(p/q) frozen at mu0, descends KL(Q||P), not KL(P||Q): why the post's forward KL seeks a mode.
+    d/dmu -E_Q[1 + log p - log q0] = -E_Q[grad log p] + E_Q[grad log q0] = P^-1 (mu - mu_p) at mu0."""
+    q_mean = np.array([1.0, -0.6])
+    mu0 = jnp.asarray(q_mean)
+    z = random.normal(random.key(6), (400_000, 2))
+    chol = jnp.linalg.cholesky(jnp.asarray(Q_COV))
+
+    def loss(mu):
+        t = optimal_critic_output("forward", mu + z @ chol.T, q_mean=mu0)[:, None]
+        return K.post_loss(t, jnp.ones_like(t), "forward")
+    grad = np.asarray(jax.grad(loss)(mu0))
+    reverse_grad = np.linalg.inv(P_COV) @ (q_mean - P_MEAN)
+    forward_grad = np.linalg.inv(Q_COV) @ (q_mean - P_MEAN)
+    assert np.abs(reverse_grad - forward_grad).max() > 0.1
+    np.testing.assert_allclose(grad, reverse_grad, atol=0.03)
+
+
 def test_post_objective_does_not_cover(data):
     """The post's objective at its 7000 steps: forward KL seeks a mode too (the saddle objective covers, above)."""
     keys = K.seed_keys(random.key(5), 2)
