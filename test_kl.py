@@ -133,24 +133,28 @@ def test_check_grads_layers_and_losses():
             check_grads(jax.jit(lambda g, c: K.generator_loss(g, c, noise, d)), (gen, critic), order=1, modes=("rev",))
 
 
+GRAD_Q_MEAN = np.array([1.0, -0.6])        # further from P than Q_MEAN, so the two divergences' gradients differ
+
+
+def gradient_at_the_optimal_critic(loss_of_critic_output, divergence, key):
+    """d/dmu loss_of_critic_output(V*(x)) at mu0 = GRAD_Q_MEAN, for x = mu + chol z ~ Q_mu = N(mu, Q_COV), with the
+    critic frozen at V* for mu0 (envelope theorem).  Returns it with the closed-form gradients at mu0 of
+    KL(P||Q_mu) = Q^-1 (mu - mu_p) and of KL(Q_mu||P) = P^-1 (mu - mu_p)."""
+    mu0 = jnp.asarray(GRAD_Q_MEAN)
+    z = random.normal(key, (400_000, 2))
+    chol = jnp.linalg.cholesky(jnp.asarray(Q_COV))
+    grad = jax.grad(lambda mu: loss_of_critic_output(optimal_critic_output(divergence, mu + z @ chol.T, q_mean=mu0)))(mu0)
+    forward, reverse = (np.linalg.inv(cov) @ (GRAD_Q_MEAN - P_MEAN) for cov in (Q_COV, P_COV))
+    assert np.abs(forward - reverse).max() > 0.1
+    return np.asarray(grad), forward, reverse
+
+
 @pytest.mark.parametrize("divergence", ["forward", "reverse"])
 def test_generator_gradient_at_optimal_critic_is_the_divergence_gradient(divergence):
-    """Q_mu = N(mu, Q_COV) by x = mu + chol z; critic frozen at V* for mu0 (envelope theorem):
-    d/dmu of the generator's saddle loss = -(d/dmu) E_Q[f*(T*)] = d/dmu D_f(P||Q_mu) at mu0."""
-    q_mean = np.array([1.0, -0.6])                 # further from P than Q_MEAN, so the two gradients differ
-    mu0 = jnp.asarray(q_mean)
-    z = random.normal(random.key(5), (400_000, 2))
-    chol = jnp.linalg.cholesky(jnp.asarray(Q_COV))
-
-    def loss(mu):
-        return K.generator_objective(optimal_critic_output(divergence, mu + z @ chol.T, q_mean=mu0), divergence)
-    grad = np.asarray(jax.grad(loss)(mu0))
-    p_inv, q_inv = np.linalg.inv(P_COV), np.linalg.inv(Q_COV)
-    # d/dmu KL(P||Q_mu) = Q^-1 (mu - mu_p);  d/dmu KL(Q_mu||P) = P^-1 (mu - mu_p)
-    expected = (q_inv if divergence == "forward" else p_inv) @ (q_mean - P_MEAN)
-    other = (p_inv if divergence == "forward" else q_inv) @ (q_mean - P_MEAN)
-    assert np.abs(expected - other).max() > 0.1
-    np.testing.assert_allclose(grad, expected, atol=0.03)
+    """d/dmu of the generator's saddle loss = -(d/dmu) E_Q[f*(T*)] = d/dmu D_f(P||Q_mu) at mu0."""
+    grad, forward, reverse = gradient_at_the_optimal_critic(lambda v: K.generator_objective(v, divergence),
+                                                            divergence, random.key(5))
+    np.testing.assert_allclose(grad, forward if divergence == "forward" else reverse, atol=0.03)
 
 
 # ---------------------------------------------------------------------------
@@ -312,19 +316,9 @@ def test_post_generator_loss_follows_reverse_kl_at_the_optimal_critic():
     """The post's generator step, post_loss(T(G(z)), y=1) = -E_Q[T], at the optimal forward-KL critic
     T* = 1 + log(p/q) frozen at mu0, descends KL(Q||P), not KL(P||Q): why the post's forward KL seeks a mode.
     d/dmu -E_Q[1 + log p - log q0] = -E_Q[grad log p] + E_Q[grad log q0] = P^-1 (mu - mu_p) at mu0."""
-    q_mean = np.array([1.0, -0.6])
-    mu0 = jnp.asarray(q_mean)
-    z = random.normal(random.key(6), (400_000, 2))
-    chol = jnp.linalg.cholesky(jnp.asarray(Q_COV))
-
-    def loss(mu):
-        t = optimal_critic_output("forward", mu + z @ chol.T, q_mean=mu0)[:, None]
-        return K.post_loss(t, jnp.ones_like(t), "forward")
-    grad = np.asarray(jax.grad(loss)(mu0))
-    reverse_grad = np.linalg.inv(P_COV) @ (q_mean - P_MEAN)
-    forward_grad = np.linalg.inv(Q_COV) @ (q_mean - P_MEAN)
-    assert np.abs(reverse_grad - forward_grad).max() > 0.1
-    np.testing.assert_allclose(grad, reverse_grad, atol=0.03)
+    grad, _, reverse = gradient_at_the_optimal_critic(
+        lambda t: K.post_loss(t[:, None], jnp.ones((t.shape[0], 1)), "forward"), "forward", random.key(6))
+    np.testing.assert_allclose(grad, reverse, atol=0.03)
 
 
 def test_post_objective_does_not_cover(data):
