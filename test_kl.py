@@ -307,7 +307,7 @@ def test_forward_kl_covers_and_reverse_kl_seeks(data):
     assert np.all(fwd_small >= 0.15) and np.all(fwd_low >= 0.20), (fwd_small, fwd_low)
     assert np.all((rev_small <= 0.02) | (rev_small >= 0.98)) and np.all(rev_low <= 0.06), (rev_small, rev_low)
     # the critics' final estimates are near the divergences they bound (reverse KL of the big mode: -log 0.75)
-    assert fwd_hist.shape == (4, K.parse_args([]).steps, 2) and np.isfinite(fwd_hist).all() and np.isfinite(rev_hist).all()
+    assert fwd_hist.shape == (4, settings().steps, 2) and np.isfinite(fwd_hist).all() and np.isfinite(rev_hist).all()
     assert 0.1 < fwd_hist[:, -3000:, 0].mean() < 1.0
     assert abs(rev_hist[:, -3000:, 0].mean() - np.log(4 / 3)) < 0.1
 
