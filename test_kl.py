@@ -277,6 +277,30 @@ def test_scan_loop_equals_python_loop(data, objective, monkeypatch):
     assert not np.allclose(jitted_sample(real, 3, key)[1], jitted_sample(real, 4, key)[1])
 
 
+# Threefry-2x32, 20 rounds: Random123's known answers (Salmon et al. 2011), (k1, k2, x1, x2) -> (y1, y2)
+THREEFRY_KNOWN_ANSWERS = [((0, 0, 0, 0), (0x6B200159, 0x99BA4EFE)),
+                          ((0xFFFFFFFF,) * 4, (0x1CB996FC, 0xBB002BE7)),
+                          ((0x13198A2E, 0x03707344, 0x243F6A88, 0x85A308D3), (0xC4923A9C, 0x483DF7A0))]
+
+
+def test_unrolled_threefry_is_threefry_and_draws_the_same_batches(data):
+    """threefry2x32 gives Random123's known answers; with it as the CPU lowering (as the script runs), the batches
+    are the same to the bit, and the compiled draw has no loop left.  Tests after this one run with it too."""
+    for words, expected in THREEFRY_KNOWN_ANSWERS:
+        assert tuple(int(y[0]) for y in K.threefry2x32(*np.array(words, np.uint32)[:, None])) == expected
+
+    def draw(real, key):      # a new function each time, so that jit lowers it afresh
+        return jax.vmap(K.sample_batch, in_axes=(None, 0, None))(real, jnp.arange(50), key)
+    key = random.key(5)
+    before = jax.jit(lambda real, key: draw(real, key)).lower(data[0], key)
+    K.unroll_threefry_on_cpu()
+    after = jax.jit(lambda real, key: draw(real, key)).lower(data[0], key)
+    for a, b in zip(before.compile()(data[0], key), after.compile()(data[0], key)):
+        np.testing.assert_array_equal(a, b)
+    if jax.default_backend() == "cpu":
+        assert "while" in before.as_text() and "while" not in after.as_text()
+
+
 def settings(**kw):
     defaults = K.parse_args([])
     base = dict(objective=defaults.objective, steps=defaults.steps, batch_size=defaults.batch_size,
