@@ -420,7 +420,8 @@ def unroll_threefry_on_cpu():
 
     JAX 0.10 lowers threefry on the CPU as a 5-iteration loop whose rotation amounts are loop values, so every
     rotation is a variable shift; newer JAX lowers it unrolled on every platform (jax-ml/jax#37872), as this does.
-    Drawing the batches was 12% of a training step.  Applies to the whole process, on the CPU only; main calls it."""
+    The hash then takes 8% of a training step instead of about 30%, and training runs 1.3x faster.
+    Applies to the whole process, on the CPU only; main calls it."""
     mlir.register_lowering(threefry2x32_p, mlir.lower_fun(threefry2x32, multiple_results=True), platform="cpu",
                          inline=False)
 
@@ -475,26 +476,13 @@ def make_train_step(divergence, objective="saddle", lr_gen=1e-4, lr_disc=5e-4):
     return saddle_step if objective == "saddle" else post_step
 
 
-DRAW_BLOCK = 200    # steps of one seed whose batches are drawn in one vectorised call (see train)
-
-
-def train(train_step, state, data, key, first_step, num_steps, batch_size=64, draw_block=None):
+def train(train_step, state, data, key, first_step, num_steps, batch_size=64):
     """num_steps steps from first_step, fused into one lax.scan. Returns (state, (bound, generator_loss) per step).
 
-    Step i trains on sample_batch(data, i, key), as a plain loop would; but the batches are drawn for a
-    block of steps at a time, vmapped.  The numbers are the same, and on a CPU one jax.random call costs
-    about as much as a whole training step (threefry runs there as a small loop of its own), so one call
-    per block, not per step, trains 1.3x faster.  A block (at most draw_block steps, DRAW_BLOCK if None)
-    divides num_steps, so no step is drawn twice; it is small enough for its batches to stay in the cache."""
-    block = max(b for b in range(1, min(draw_block or DRAW_BLOCK, num_steps) + 1) if num_steps % b == 0)
-
-    def train_block(state, first):
-        steps = first + jnp.arange(block)
-        batches = jax.vmap(sample_batch, in_axes=(None, 0, None, None))(data, steps, key, batch_size)
-        return lax.scan(lambda s, step_batch: train_step(s, *step_batch), state, (steps, batches))
-
-    state, history = lax.scan(train_block, state, first_step + block * jnp.arange(num_steps // block))
-    return state, jax.tree.map(lambda h: h.reshape(num_steps), history)
+    Step i trains on sample_batch(data, i, key), as a plain Python loop of train_step would."""
+    def step(state, i):
+        return train_step(state, i, sample_batch(data, i, key, batch_size))
+    return lax.scan(step, state, first_step + jnp.arange(num_steps))
 
 
 @jax.jit
@@ -525,15 +513,14 @@ def seed_keys(key, num_seeds):
     return jax.vmap(lambda i: random.fold_in(key, i))(jnp.arange(num_seeds))
 
 
-# Compiling is most of a first run, so how XLA:CPU compiles matters.  Its default optimisation level (3)
-# compiles the training loop 2x slower than level 2, and the code it makes trains 15% slower (measured:
-# about 37,000 against 42,000 steps/s for one seed, the same numbers to the bit).  The programs that run
-# once (data and initialisation, evaluation) compile in half the time with XLA's older fusion code
-# generator and run as fast; the training loop runs a third faster with the newer one.  In the training loop
-# XLA's loop-invariant code motion lifts randint's range (the 640,000 data points) out of the loop, where it
-# is no longer a constant, so every drawn index costs three hardware divisions; left in the loop it stays a
-# constant, which LLVM divides by with a multiplication (16 seeds train 5 - 10% faster, one seed 2 - 5%,
-# the same numbers to the bit).  Other backends (a GPU) compile with their defaults.
+# Compiling is most of a first run, so how XLA:CPU compiles matters (measured with one seed; level 2 and the
+# switched-off pass give the same numbers to the bit as XLA's defaults).  The programs that run once (data and initialisation, evaluation)
+# compile in half the time with XLA's older fusion code generator and run as fast; the training loop runs
+# twice as fast with the newer one.  It also runs 3 - 7% faster at optimisation level 2 than at the default 3.
+# And XLA's loop-invariant code motion would lift randint's range (the 640,000 data points) out of the
+# training loop, where it is no longer a constant, so that every drawn index costs three hardware divisions;
+# left in the loop it stays a constant, which LLVM divides by with a multiplication: with the pass off, one
+# seed trains 20% faster, 16 seeds 30%.  Other backends (a GPU) compile with their defaults.
 TRAINING_COMPILE = {"xla_backend_optimization_level": 2, "xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
 RUN_ONCE_COMPILE = {"xla_backend_optimization_level": 2, "xla_cpu_use_fusion_emitters": False}
 
@@ -553,11 +540,8 @@ def training_chunk(divergence, args):
     device running vmap on its share; the seeds are independent, so the devices never communicate."""
     devices = jax.devices()
     num_devices = max(n for n in range(1, len(devices) + 1) if args.seeds % n == 0)
-    # a device draws the batches of all its seeds at once: DRAW_BLOCK steps of one seed, fewer of several
-    draw_block = max(1, DRAW_BLOCK * num_devices // args.seeds)
     step = make_train_step(divergence, args.objective, args.lr_gen, args.lr_disc)
-    train_chunk = functools.partial(train, step, num_steps=chunk_lengths(args.steps)[0], batch_size=args.batch_size,
-                                    draw_block=draw_block)
+    train_chunk = functools.partial(train, step, num_steps=chunk_lengths(args.steps)[0], batch_size=args.batch_size)
 
     def chunk(state, keys, data, first_step):
         if args.seeds > 1:

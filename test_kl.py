@@ -256,9 +256,8 @@ def data():
 
 
 @pytest.mark.parametrize("objective", ["saddle", "post"])
-def test_scan_loop_equals_python_loop(data, objective, monkeypatch):
-    """train (blocks of steps, batches drawn a block at a time, lax.scan) equals a Python loop of jitted steps."""
-    monkeypatch.setattr(K, "DRAW_BLOCK", 4)         # 10 steps: blocks of 2 (the largest divisor <= 4), 5 of them
+def test_scan_loop_equals_python_loop(data, objective):
+    """train (one lax.scan over the steps, each drawing its own batch) equals a Python loop of jitted steps."""
     step, real = K.make_train_step("reverse", objective), data[0]
     key = random.key(11)
     state = K.init_state(key)
