@@ -520,7 +520,7 @@ def seed_keys(key, num_seeds):
 # And XLA's loop-invariant code motion would lift randint's range (the 640,000 data points) out of the
 # training loop, where it is no longer a constant, so that every drawn index costs three hardware divisions;
 # left in the loop it stays a constant, which LLVM divides by with a multiplication: with the pass off, one
-# seed trains 20% faster, 16 seeds 30%.  Other backends (a GPU) compile with their defaults.
+# seed trains 20% faster, 16 seeds 25 - 30%.  Other backends (a GPU) compile with their defaults.
 TRAINING_COMPILE = {"xla_backend_optimization_level": 2, "xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
 RUN_ONCE_COMPILE = {"xla_backend_optimization_level": 2, "xla_cpu_use_fusion_emitters": False}
 
