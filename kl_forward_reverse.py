@@ -422,8 +422,10 @@ def unroll_threefry_on_cpu():
     rotation is a variable shift; newer JAX lowers it unrolled on every platform (jax-ml/jax#37872), as this does.
     The hash then takes 8% of a training step instead of about 30%, and training runs 1.3x faster.
     Applies to the whole process, on the CPU only; main calls it."""
+    # inline=False: lowered once per shape and called, as JAX does with its own unrolled form; written out at
+    # each of the 60-odd draws in a run's programs, it would add 0.1 s of lowering
     mlir.register_lowering(threefry2x32_p, mlir.lower_fun(threefry2x32, multiple_results=True), platform="cpu",
-                         inline=False)
+                           inline=False)
 
 
 def sample_batch(data, i, key, batch_size=64):
@@ -513,14 +515,15 @@ def seed_keys(key, num_seeds):
     return jax.vmap(lambda i: random.fold_in(key, i))(jnp.arange(num_seeds))
 
 
-# Compiling is most of a first run, so how XLA:CPU compiles matters (measured with one seed; level 2 and the
-# switched-off pass give the same numbers to the bit as XLA's defaults).  The programs that run once (data and initialisation, evaluation)
-# compile in half the time with XLA's older fusion code generator and run as fast; the training loop runs
-# twice as fast with the newer one.  It also runs 3 - 7% faster at optimisation level 2 than at the default 3.
-# And XLA's loop-invariant code motion would lift randint's range (the 640,000 data points) out of the
-# training loop, where it is no longer a constant, so that every drawn index costs three hardware divisions;
-# left in the loop it stays a constant, which LLVM divides by with a multiplication: with the pass off, one
-# seed trains 20% faster, 16 seeds 25 - 30%.  Other backends (a GPU) compile with their defaults.
+# Compiling is most of a first run, so how XLA:CPU compiles matters (measured with one seed; level 2 and
+# the switched-off pass give the same numbers to the bit as XLA's defaults).  The programs that run once
+# (data and initialisation, evaluation) compile in half the time with XLA's older fusion code generator and
+# run as fast; the training loop runs twice as fast with the newer one, and 3 - 7% faster at optimisation
+# level 2 than at the default 3.  XLA's loop-invariant code motion would lift randint's range (the 640,000
+# data points) out of the training loop, where it is no longer a constant, so that every drawn index costs
+# three hardware divisions; left in the loop it stays a constant, which LLVM divides by with a
+# multiplication: with the pass off, one seed trains 20% faster, 16 seeds 25 - 30%.  Other backends (a GPU)
+# compile with their defaults.
 TRAINING_COMPILE = {"xla_backend_optimization_level": 2, "xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
 RUN_ONCE_COMPILE = {"xla_backend_optimization_level": 2, "xla_cpu_use_fusion_emitters": False}
 
