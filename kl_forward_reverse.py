@@ -71,10 +71,17 @@ class _Parser(argparse.ArgumentParser):
         super().error(message)
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default in --help, except where there is nothing to say (an on/off flag, no default)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
+
+
 def parse_args(argv=None):
     p = _Parser(prog="kl_forward_reverse.py", allow_abbrev=False,
                 description="Forward vs reverse KL with a tiny f-GAN on a 2-D mixture of two Gaussians.",
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                formatter_class=_Help)
     what = p.add_mutually_exclusive_group()
     what.add_argument("--reverse", action="store_true",
                       help="train with reverse KL, KL(Q||P), instead of forward KL, KL(P||Q)")
