@@ -511,16 +511,21 @@ def train_seeds(train_step, states, data, keys, num_steps, batch_size=64, log=pr
     num_groups = max(g for g in range(1, jax.device_count() + 1) if len(keys) % g == 0 and len(keys) >= 2 * g
                      or g == 1)
     size = len(keys) // num_groups
-    groups = [jax.device_put(jax.tree.map(lambda a: a[g * size:(g + 1) * size], (states, keys)) + (data,), device)
-              for g, device in enumerate(jax.devices()[:num_groups])]
-    snapshots = [jax.tree.map(lambda a: np.asarray(a[:1]), (np.zeros(1, int), states.generator[0], states.critic[0]))]
+    # the groups are cut on the host: slicing an array on a device compiles a program for each slice
+    states, raw_keys = jax.device_get((states, random.key_data(keys)))
+    groups = [jax.device_put((jax.tree.map(lambda a: a[part], states), raw_keys[part], data), device)
+              for part, device in zip([slice(g * size, (g + 1) * size) for g in range(num_groups)], jax.devices())]
+    groups = [(states, random.wrap_key_data(keys), data) for states, keys, data in groups]
+    if num_groups > 1:
+        log(f"  on {num_groups} devices at once, {size} seeds on each")
+    snapshots = [jax.tree.map(lambda a: a[:1], (np.zeros(1, int), states.generator[0], states.critic[0]))]
     metrics, done = [], 0
     for length in chunk_lengths(num_steps):
         results = [train_chunk(train_step, states, keys, data, done, length, batch_size)      # on every device at once
                    for states, keys, data in groups]
         groups = [(states, keys, data) for (states, _, _), (_, keys, data) in zip(results, groups)]
         metrics.append(Metrics(*map(np.concatenate, zip(*jax.device_get([m for _, m, _ in results])))))
-        snapshots.append(jax.tree.map(lambda a: np.asarray(a[0]), results[0][2]))      # seed 0 is in group 0
+        snapshots.append(jax.tree.map(lambda a: np.asarray(a)[0], results[0][2]))      # seed 0 is in group 0
         if done == 0:                               # the first chunk compiles: the clock starts after it
             clock, first = time.perf_counter(), length
         done += length
@@ -628,9 +633,11 @@ def evaluation(gen_params, data, threshold, key):
     compiled once whatever the number of seeds."""
     g = best_gaussians(data, key)
     samples = [generate_seeds(p, g["sample_key"], NUM_SAMPLES) for p in gen_params]
-    pairs = list(zip(g["samples"], g["fresh"])) + [pair for p, s in zip(gen_params, samples)
-                                                   for pair in zip(s, generate_seeds(p, g["fresh_key"], NUM_EVAL))]
-    rows = jnp.stack([evaluate(q, fresh, g["real"], data.lo, data.hi, threshold) for q, fresh in pairs])
+    fresh = [generate_seeds(p, g["fresh_key"], NUM_EVAL) for p in gen_params]
+    # the points are split into rows on the host: splitting an array on a device compiles a program to do it
+    samples, fresh, gaussians = jax.device_get((samples, fresh, (g["samples"], g["fresh"])))
+    pairs = list(zip(*gaussians)) + [pair for s, f in zip(samples, fresh) for pair in zip(s, f)]
+    rows = np.stack([evaluate(q, f, g["real"], data.lo, data.hi, threshold) for q, f in pairs])
     return Evaluation(g["means"], g["covs"], g["exact_kls"], rows, samples, g["mle_points"])
 
 
@@ -713,10 +720,13 @@ FRAME_POINTS = 500          # generated points drawn in each frame
 
 
 @jax.jit
-def frame_contents(gen_params, critic_params, grid, z):
-    """For params stacked over the snapshots: generated points (frames, n, 2) and the critic's V on the grid."""
+def frame_contents(gen_params, critic_params, grid, lo, hi):
+    """For params stacked over the snapshots: FRAME_POINTS generated points (frames, n, 2), the critic's V on the
+    grid (frames, grid points), and log p on the grid."""
+    z = random.uniform(random.key(0), (FRAME_POINTS, LATENT_DIM))          # the same z in every frame
     points = jax.vmap(generator_apply, in_axes=(0, None))(gen_params, z)
-    return points, jax.vmap(critic_apply, in_axes=(0, None))(critic_params, grid)[..., 0]
+    v = jax.vmap(critic_apply, in_axes=(0, None))(critic_params, grid)[..., 0]
+    return points, v, mixture_log_density(grid, lo, hi)
 
 
 def write_animation(path, data, trainings):
@@ -727,14 +737,13 @@ def write_animation(path, data, trainings):
     from matplotlib.figure import Figure
     axis = np.linspace(0, 1, GRID)
     grid = np.stack(np.meshgrid(axis, axis), axis=-1).reshape(-1, 2)
-    log_p = np.asarray(mixture_log_density(grid, data.lo, data.hi)).reshape(GRID, GRID)
-    z = random.uniform(random.key(0), (FRAME_POINTS, LATENT_DIM))
     fig = Figure(figsize=(4.3 * len(trainings) + 0.9, 4.6), layout="constrained")
     panels = []
     for ax, (divergence, training) in zip(np.atleast_1d(fig.subplots(1, len(trainings))), trainings.items()):
         frames = np.round(np.linspace(0, len(training.snapshots[0]) - 1, ANIMATION_FRAMES)).astype(int)
         steps, gen_params, critic_params = jax.tree.map(lambda a: a[np.unique(frames)], training.snapshots)
-        points, v = jax.device_get(frame_contents(gen_params, critic_params, grid, z))
+        points, v, log_p = jax.device_get(frame_contents(gen_params, critic_params, grid, data.lo, data.hi))
+        log_p = log_p.reshape(GRID, GRID)
         log_ratio = np.asarray(DIVERGENCES[divergence]["log_ratio"](v)).reshape(-1, GRID, GRID)
         # the critic's estimate of the divergence at each frame: F over the 100 steps before it (the first step's F)
         estimates = [np.nanmean(training.metrics.bound[0, max(0, s - 100):max(1, s)]) for s in steps]
@@ -896,9 +905,9 @@ def main(args):
                                               "seed", "seeds")}
     written = write_outputs(args.out, data, trainings, result, not args.no_plot, args.animate,
                             args.save_samples, settings)
-    speed = np.mean([t.steps_per_second for t in trainings.values()])
-    print(f"\nwritten: {', '.join(written) or 'nothing'}\ntime: {time.perf_counter() - started:.2f} s in all; "
-          f"training alone {speed:,.0f} seed-steps/s")
+    speed = np.mean([t.steps_per_second for t in trainings.values()])      # NaN with one chunk, which compiles
+    print(f"\nwritten: {', '.join(written) or 'nothing'}\ntime: {time.perf_counter() - started:.2f} s in all"
+          + f"; training alone {speed:,.0f} seed-steps/s" * bool(np.isfinite(speed)))
     return 0
 
 
