@@ -157,20 +157,13 @@ def scale_to_unit(raw):
     return (raw - lo) / (hi - lo), lo, hi
 
 
-def gaussian_log_density(x, mean, cov):
-    """log N(x; mu, Sigma) = -(1/2) (x - mu)^T Sigma^-1 (x - mu) - (1/2) log det(2 pi Sigma), for constant mu, Sigma."""
-    precision, (_, log_det) = np.linalg.inv(cov), np.linalg.slogdet(2 * np.pi * np.array(cov))
-    centred = x - np.array(mean)
-    return -0.5 * jnp.sum(centred @ precision * centred, axis=-1) - 0.5 * log_det
-
-
 def component_log_densities(x, lo, hi):
     """log(w_k N(raw; mu_k, Sigma_k)) + 2 log(hi - lo) for each component k at scaled points x. Shape (..., 2).
 
     raw = lo + x (hi - lo); the Jacobian of the scaling adds 2 log(hi - lo) in two dimensions."""
     raw = lo + x * (hi - lo)
-    return jnp.stack([math.log(w) + gaussian_log_density(raw, mean, cov) for w, mean, cov in MIXTURE],
-                     axis=-1) + 2 * jnp.log(hi - lo)
+    return jnp.stack([math.log(w) + multivariate_normal.logpdf(raw, jnp.array(mean), jnp.array(cov))
+                      for w, mean, cov in MIXTURE], axis=-1) + 2 * jnp.log(hi - lo)
 
 
 def mixture_log_density(x, lo, hi):
