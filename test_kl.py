@@ -2,24 +2,22 @@
 closed-form KL between Gaussians, jax.example_libraries.stax and optimizers, finite differences, the post's
 own formulas) and asserts numbers.
 
-Run: pytest -q.  In this process the suite runs JAX on one CPU device, with two of the script's speed-ups (XLA at
-optimisation level 2, and a compilation cache, here a temporary one); the script itself, run in a process of its own
-with every speed-up (the seeds split over one CPU device per core), must give the same bits."""
-import atexit
+Run: pytest -q.  In this process the suite runs JAX on one CPU device, with two of the script's speed-ups: XLA at
+optimisation level 2, and JAX's compilation cache, kept in pytest's own cache (.pytest_cache; `pytest --cache-clear`
+empties it), so that a second run compiles almost nothing.  The script itself, in processes of its own with every
+speed-up (the seeds split over one CPU device per core), runs in the background while the rest of the suite runs,
+and must give the same bits."""
+import concurrent.futures
 import contextlib
 import functools
 import io
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
-CACHE = tempfile.mkdtemp(prefix="kl-test-cache-")      # shared with the script's runs below: XDG_CACHE_HOME
-atexit.register(shutil.rmtree, CACHE, ignore_errors=True)
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=2").strip()
 
 import jax  # noqa: E402  (after XLA_FLAGS, which XLA reads when JAX starts)
@@ -32,15 +30,60 @@ from PIL import Image  # noqa: E402
 
 import kl_forward_reverse as K  # noqa: E402
 
-for _name, _value in (("jax_compilation_cache_dir", os.path.join(CACHE, "kl-forward-reverse")),
-                      ("jax_persistent_cache_min_compile_time_secs", 0.0),
-                      ("jax_persistent_cache_min_entry_size_bytes", 0)):
-    try:                                               # as the script's speed-ups set them
-        jax.config.update(_name, _value)
-    except AttributeError:
-        pass
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kl_forward_reverse.py")
-ENV = {**os.environ, "XDG_CACHE_HOME": CACHE, "PYTHONUNBUFFERED": "1"}
+QUICK = ["--reverse", "--seeds", "4", "--steps", "150", "--no-plot"]      # a short run, shared by the tests below
+
+
+@pytest.fixture(scope="session", autouse=True)
+def env(request, tmp_path_factory):
+    """The environment of the script's processes.  Before any test compiles: JAX's compilation cache in pytest's
+    cache (a temporary folder if pytest's cache is off), for this process and, through XDG_CACHE_HOME, the script's."""
+    try:
+        folder = str(request.config.cache.mkdir("jax"))
+    except (AttributeError, OSError):                      # -p no:cacheprovider, or a read-only checkout
+        folder = str(tmp_path_factory.mktemp("jax"))
+    for name, value in (("jax_compilation_cache_dir", os.path.join(folder, "kl-forward-reverse")),
+                        ("jax_persistent_cache_min_compile_time_secs", 0.0),
+                        ("jax_persistent_cache_min_entry_size_bytes", 0)):
+        try:                                               # as the script's speed-ups set them
+            jax.config.update(name, value)
+        except AttributeError:
+            pass
+    return {**os.environ, "XDG_CACHE_HOME": folder, "PYTHONUNBUFFERED": "1"}
+
+
+def run_with_speedups(folder, env):
+    """QUICK as the script runs it, every speed-up on: the process, and the .npz it wrote."""
+    return subprocess.run([sys.executable, SCRIPT] + QUICK + ["--save-samples", "fast.npz"], cwd=folder, env=env,
+                          capture_output=True, text=True, timeout=300), folder / "fast.npz"
+
+
+def run_and_sigterm_while_writing(folder, env):
+    """QUICK with every output, sent SIGTERM once the first output file appears (it is being written): what was being
+    written, the exit status, stdout, stderr, and what is left."""
+    figs = folder / "figs"
+    p = subprocess.Popen([sys.executable, SCRIPT] + QUICK + ["--animate", "--out", "figs", "--save-samples", "x.npz"],
+                         cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (figs.exists() and list(figs.iterdir())) and p.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    writing = [f.name for f in figs.iterdir()] if figs.exists() else []
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=60)
+    return writing, p.returncode, out, err, [str(f) for f in folder.rglob("*") if f.is_file()]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def script_runs(request, env, tmp_path_factory):
+    """The script's own processes, for the tests at the end that need them: started before the first test, one after
+    the other (the second finds the first one's programs in the cache), while this process runs the other tests."""
+    runs = {"test_script_with_its_speedups_gives_the_same_bits": run_with_speedups,
+            "test_sigterm_while_writing_leaves_nothing_partial": run_and_sigterm_while_writing}
+    selected = {item.originalname for item in request.session.items}
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    yield {name: pool.submit(run, tmp_path_factory.mktemp(name[5:25]), env)
+           for name, run in runs.items() if name in selected}
+    pool.shutdown(cancel_futures=True)          # after pytest -x, say: the run under way ends by itself
 
 
 # ---------------------------------------------------------------------------
@@ -99,15 +142,15 @@ def optimal_critic_output(divergence, x, q_mean=Q_MEAN, widen=0.0):
     return 1 + log_ratio if divergence == "forward" else log_ratio
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def saddle_objective_at(scale, divergence, sigma=0.0):
-    """F at scale * V*, on 400,000 points of P and of Q, each moved by N(0, sigma^2 I) as instance noise moves them,
-    V* the optimal critic of the widened pair (scale 1: the optimal critic)."""
+@jax.jit
+def saddle_objectives_at(scale, sigma=0.0):
+    """{divergence: F at scale * V*}, on 400,000 points of P and of Q, each moved by N(0, sigma^2 I) as instance noise
+    moves them, V* the optimal critic of the widened pair (scale 1: the optimal critic); one program for all calls."""
     kp, kq, k0, k1 = random.split(random.key(0), 4)
     real = random.multivariate_normal(kp, P_MEAN, P_COV, (400_000,)) + sigma * random.normal(k0, (400_000, 2))
     fake = random.multivariate_normal(kq, Q_MEAN, Q_COV, (400_000,)) + sigma * random.normal(k1, (400_000, 2))
-    return K.f_gan_objective(scale * optimal_critic_output(divergence, real, widen=sigma ** 2),
-                             scale * optimal_critic_output(divergence, fake, widen=sigma ** 2), divergence)
+    return {d: K.f_gan_objective(scale * optimal_critic_output(d, real, widen=sigma ** 2),
+                                 scale * optimal_critic_output(d, fake, widen=sigma ** 2), d) for d in F}
 
 
 @pytest.mark.parametrize("divergence", ["forward", "reverse"])
@@ -115,9 +158,9 @@ def test_saddle_objective_at_optimal_critic_is_the_closed_form_kl(divergence):
     forward, reverse = gaussian_kl(P_MEAN, P_COV, Q_MEAN, Q_COV), gaussian_kl(Q_MEAN, Q_COV, P_MEAN, P_COV)
     expected = forward if divergence == "forward" else reverse
     assert abs(forward - reverse) > 0.05          # the two directions differ here, so a swap would show
-    assert float(saddle_objective_at(1.0, divergence)) == pytest.approx(expected, abs=0.02)
+    assert float(saddle_objectives_at(1.0)[divergence]) == pytest.approx(expected, abs=0.02)
     # a worse critic gives a lower value: F is a lower bound
-    assert float(saddle_objective_at(0.5, divergence)) < expected - 0.02
+    assert float(saddle_objectives_at(0.5)[divergence]) < expected - 0.02
 
 
 @pytest.mark.parametrize("divergence", ["forward", "reverse"])
@@ -130,7 +173,7 @@ def test_with_instance_noise_the_game_is_the_smaller_kl_of_the_widened_pair(dive
     plain = gaussian_kl(P_MEAN, P_COV, Q_MEAN, Q_COV) if divergence == "forward" else gaussian_kl(
         Q_MEAN, Q_COV, P_MEAN, P_COV)
     assert widened < plain - 0.03
-    assert float(saddle_objective_at(1.0, divergence, 0.5)) == pytest.approx(widened, abs=0.015)
+    assert float(saddle_objectives_at(1.0, 0.5)[divergence]) == pytest.approx(widened, abs=0.015)
 
 
 @pytest.mark.parametrize("divergence", ["forward", "reverse"])
@@ -250,10 +293,10 @@ def test_adam_equals_optimizers_adam():
         ours = K.adam(step_size)
         ref = optimizers.adam(step_size)
         s, r = ours[0](params), ref[0](params)
-        ours_update, ref_update = jax.jit(ours[1]), jax.jit(ref[1])
+        both_updates = jax.jit(lambda i, g, s, r: (ours[1](i, g, s), ref[1](i, g, r)))      # one program
         for i in range(6):
             g = jax.tree.map(lambda p: np.sin(np.asarray(p) * (i + 1)) + 0.1 * i, params)
-            s, r = ours_update(i, g, s), ref_update(i, g, r)
+            s, r = both_updates(i, g, s, r)
         for a, b in zip(jax.tree.leaves(ours[2](s)), jax.tree.leaves(ref[2](r))):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
         assert not np.allclose(jax.tree.leaves(ours[2](s))[0], params[0][0])    # it did move
@@ -321,7 +364,6 @@ def data():
     return data, float(np.quantile(np.asarray(data.log_p), K.LOW_DENSITY_QUANTILE))
 
 
-QUICK = ["--reverse", "--seeds", "4", "--steps", "150", "--no-plot"]      # a short run, shared by the tests below
 _quick = K.parse_args(QUICK)
 # QUICK's training step, as main makes it (make_train_step keeps one per setting): its compiled training is shared
 STEP = K.make_train_step("reverse", _quick.objective, _quick.lr_gen, _quick.lr_disc, _quick.noise, _quick.steps)
@@ -618,26 +660,25 @@ def test_read_only_folder_refused(tmp_path, capsys):
 # ---------------------------------------------------------------------------
 
 
-def test_script_with_its_speedups_gives_the_same_bits(quick_run, tmp_path):
+def test_script_with_its_speedups_gives_the_same_bits(quick_run, script_runs):
     """QUICK as the script runs it, with every speed-up: its seeds split over two CPU devices, two on each (with two
     cores or more), a compilation cache, seaborn's threaded import, the quick exit.  Against the same run in this
     process through main, all four seeds on one device: the same samples, to the bit."""
-    r = subprocess.run([sys.executable, SCRIPT] + QUICK + ["--save-samples", "fast.npz"], cwd=tmp_path, env=ENV,
-                       capture_output=True, text=True, timeout=300)
+    r, samples = script_runs["test_script_with_its_speedups_gives_the_same_bits"].result()
     assert r.returncode == 0, r.stderr
     split = (os.cpu_count() or 1) > 1 and "jax_num_cpu_devices" in jax.config.values      # not in JAX 0.4.38
     assert jax.device_count() == 1 and ("on 2 devices at once, 2 seeds on each" in r.stdout) == split
-    with np.load(tmp_path / "fast.npz") as fast, np.load(quick_run) as here:
+    with np.load(samples) as fast, np.load(quick_run) as here:
         np.testing.assert_array_equal(fast["samples"], here["samples"])
 
 
-def test_bad_flags_fail_before_jax_is_imported(tmp_path):
+def test_bad_flags_fail_before_jax_is_imported(tmp_path, env):
     """With a `jax` on the path that raises when imported, a bad flag still gets its one line and exit 2; a good
     command line reaches that `jax` (so the fake is really in the way)."""
     fake = tmp_path / "fake" / "jax"
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("raise ImportError('the fake jax was imported')\n")
-    env = {**ENV, "PYTHONPATH": str(tmp_path / "fake")}
+    env = {**env, "PYTHONPATH": str(tmp_path / "fake")}
 
     def run(*args):
         return subprocess.run([sys.executable, SCRIPT, *args], cwd=tmp_path, env=env, capture_output=True, text=True,
@@ -648,17 +689,9 @@ def test_bad_flags_fail_before_jax_is_imported(tmp_path):
     assert good.returncode != 0 and "the fake jax was imported" in good.stderr
 
 
-def test_sigterm_while_writing_leaves_nothing_partial(quick_run, tmp_path):
+def test_sigterm_while_writing_leaves_nothing_partial(script_runs):
     """SIGTERM once the first output file appears (it is being written): the run stops, and nothing is left."""
-    figs = tmp_path / "figs"
-    p = subprocess.Popen([sys.executable, SCRIPT] + QUICK + ["--animate", "--out", "figs", "--save-samples", "x.npz"],
-                         cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while not (figs.exists() and list(figs.iterdir())) and p.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    writing = [f.name for f in figs.iterdir()]
-    p.send_signal(signal.SIGTERM)
-    out, err = p.communicate(timeout=60)
-    assert writing and p.returncode == 128 + signal.SIGTERM, (writing, p.returncode, err)
+    writing, status, out, err, left = script_runs["test_sigterm_while_writing_leaves_nothing_partial"].result()
+    assert writing and status == 128 + signal.SIGTERM, (writing, status, err)
     assert "written:" not in out                   # it was stopped before the outputs were complete
-    assert not list(figs.iterdir()) and not (tmp_path / "x.npz").exists()
+    assert not left, left
