@@ -243,7 +243,7 @@ def elementwise(fun):
     return init_fun, apply_fun
 
 
-LeakyRelu = elementwise(lambda x: jnp.where(x >= 0, x, 0.01 * x))
+LeakyRelu = elementwise(jax.nn.leaky_relu)        # negative slope 0.01, as in stax
 Sigmoid = elementwise(jax.nn.sigmoid)
 
 

@@ -4,9 +4,9 @@ own formulas) and asserts numbers.
 
 Run: pytest -q.  In this process the suite runs JAX on one CPU device, with two of the script's speed-ups: XLA at
 optimisation level 2, and JAX's compilation cache, kept in pytest's own cache (.pytest_cache; `pytest --cache-clear`
-empties it), so that a second run compiles almost nothing.  The script itself, in processes of its own with every
-speed-up (the seeds split over one CPU device per core), runs in the background while the rest of the suite runs,
-and must give the same bits."""
+empties it), so that a second run compiles almost nothing.  The script's run with every speed-up (the seeds split over
+one CPU device per core), in a process of its own, goes on in the background beside the rest of the suite, and must
+give the same bits."""
 import concurrent.futures
 import contextlib
 import functools
@@ -58,32 +58,14 @@ def run_with_speedups(folder, env):
                           capture_output=True, text=True, timeout=300), folder / "fast.npz"
 
 
-def run_and_sigterm_while_writing(folder, env):
-    """QUICK with every output, sent SIGTERM once the first output file appears (it is being written): what was being
-    written, the exit status, stdout, stderr, and what is left."""
-    figs = folder / "figs"
-    p = subprocess.Popen([sys.executable, SCRIPT] + QUICK + ["--animate", "--out", "figs", "--save-samples", "x.npz"],
-                         cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while not (figs.exists() and list(figs.iterdir())) and p.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    writing = [f.name for f in figs.iterdir()] if figs.exists() else []
-    p.send_signal(signal.SIGTERM)
-    out, err = p.communicate(timeout=60)
-    return writing, p.returncode, out, err, [str(f) for f in folder.rglob("*") if f.is_file()]
-
-
 @pytest.fixture(scope="session", autouse=True)
-def script_runs(request, env, tmp_path_factory):
-    """The script's own processes, for the tests at the end that need them: started before the first test, one after
-    the other (the second finds the first one's programs in the cache), while this process runs the other tests."""
-    runs = {"test_script_with_its_speedups_gives_the_same_bits": run_with_speedups,
-            "test_sigterm_while_writing_leaves_nothing_partial": run_and_sigterm_while_writing}
-    selected = {item.originalname for item in request.session.items}
-    pool = concurrent.futures.ThreadPoolExecutor(1)
-    yield {name: pool.submit(run, tmp_path_factory.mktemp(name[5:25]), env)
-           for name, run in runs.items() if name in selected}
-    pool.shutdown(cancel_futures=True)          # after pytest -x, say: the run under way ends by itself
+def sped_up_run(request, env, tmp_path_factory):
+    """If its test was selected, the script's sped-up run, started before the first test: it runs beside them."""
+    if "test_script_with_its_speedups_gives_the_same_bits" not in {item.name for item in request.session.items}:
+        yield None
+        return
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        yield pool.submit(run_with_speedups, tmp_path_factory.mktemp("sped_up"), env)
 
 
 # ---------------------------------------------------------------------------
@@ -661,11 +643,11 @@ def test_read_only_folder_refused(tmp_path, capsys):
 # ---------------------------------------------------------------------------
 
 
-def test_script_with_its_speedups_gives_the_same_bits(quick_run, script_runs):
+def test_script_with_its_speedups_gives_the_same_bits(quick_run, sped_up_run):
     """QUICK as the script runs it, with every speed-up: its seeds split over two CPU devices, two on each (with two
     cores or more), a compilation cache, seaborn's threaded import, the quick exit.  Against the same run in this
     process through main, all four seeds on one device: the same samples, to the bit."""
-    r, samples = script_runs["test_script_with_its_speedups_gives_the_same_bits"].result()
+    r, samples = sped_up_run.result()
     assert r.returncode == 0, r.stderr
     split = (os.cpu_count() or 1) > 1 and "jax_num_cpu_devices" in jax.config.values      # not in JAX 0.4.38
     assert jax.device_count() == 1 and ("on 2 devices at once, 2 seeds on each" in r.stdout) == split
@@ -690,9 +672,17 @@ def test_bad_flags_fail_before_jax_is_imported(tmp_path, env):
     assert good.returncode != 0 and "the fake jax was imported" in good.stderr
 
 
-def test_sigterm_while_writing_leaves_nothing_partial(script_runs):
+def test_sigterm_while_writing_leaves_nothing_partial(tmp_path, env):
     """SIGTERM once the first output file appears (it is being written): the run stops, and nothing is left."""
-    writing, status, out, err, left = script_runs["test_sigterm_while_writing_leaves_nothing_partial"].result()
-    assert writing and status == 128 + signal.SIGTERM, (writing, status, err)
+    figs = tmp_path / "figs"
+    p = subprocess.Popen([sys.executable, SCRIPT] + QUICK + ["--animate", "--out", "figs", "--save-samples", "x.npz"],
+                         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (figs.exists() and list(figs.iterdir())) and p.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    writing = [f.name for f in figs.iterdir()] if figs.exists() else []
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=60)
+    assert writing and p.returncode == 128 + signal.SIGTERM, (writing, p.returncode, err)
     assert "written:" not in out                   # it was stopped before the outputs were complete
-    assert not left, left
+    assert not [f for f in tmp_path.rglob("*") if f.is_file()]
