@@ -811,24 +811,25 @@ def failures(training, samples):
     return why
 
 
-def report(result, divergences, num_seeds, failed):
-    """Print the evaluation table, the Gaussians' exact KLs and, with several seeds, each divergence's range."""
+def report(result, divergences, num_seeds, failed, log=print):
+    """Print (through log) the evaluation table, the Gaussians' exact KLs and, with several seeds, each divergence's
+    range; then, on stderr, which seeds diverged."""
     labels = ["forward-KL Gaussian (MLE)", "reverse-KL Gaussian"] + [
         f"{d} KL" + f", seed {s}" * (num_seeds > 1) + " DIVERGED" * (s in failed[d])
         for d in divergences for s in range(num_seeds)]
-    print(f"\nevaluation: shares of {NUM_SAMPLES} generated points per row (0.25 mode: the small one; low-density: "
-          f"where log p is below P's own {LOW_DENSITY_QUANTILE:.0%} quantile);\n"
-          "KL in nats with P's exact density and Q's Gaussian kernel estimate")
-    print(format_table(labels, result.rows))
-    print(f"(with their exact densities the Gaussians give KL(P||Q) {result.exact_kls[0, 0]:.3f} (MLE) and KL(Q||P) "
-          f"{result.exact_kls[1, 1]:.3f} (the 0.75 component): the kernel estimate adds its own bias)")
+    log(f"\nevaluation: shares of {NUM_SAMPLES} generated points per row (0.25 mode: the small one; low-density: "
+        f"where log p is below P's own {LOW_DENSITY_QUANTILE:.0%} quantile);\n"
+        "KL in nats with P's exact density and Q's Gaussian kernel estimate")
+    log(format_table(labels, result.rows))
+    log(f"(with their exact densities the Gaussians give KL(P||Q) {result.exact_kls[0, 0]:.3f} (MLE) and KL(Q||P) "
+        f"{result.exact_kls[1, 1]:.3f} (the 0.75 component): the kernel estimate adds its own bias)")
     for i, d in enumerate(divergences if num_seeds > 1 else ()):
         block = result.rows[2 + i * num_seeds:2 + (i + 1) * num_seeds]
-        print(f"{DIVERGENCES[d]['name']} over {num_seeds} seeds: 0.25-mode share {block[:, 1].min():.3f}-"
-              f"{block[:, 1].max():.3f}, low-density share {block[:, 2].min():.3f}-{block[:, 2].max():.3f}")
+        log(f"{DIVERGENCES[d]['name']} over {num_seeds} seeds: 0.25-mode share {block[:, 1].min():.3f}-"
+            f"{block[:, 1].max():.3f}, low-density share {block[:, 2].min():.3f}-{block[:, 2].max():.3f}")
     for d in divergences:
         if failed[d]:
-            print(f"\nerror: training with {DIVERGENCES[d]['name']} diverged: " + ", ".join(
+            log(f"\nerror: training with {DIVERGENCES[d]['name']} diverged: " + ", ".join(
                 f"seed {s} ({why})" for s, why in sorted(failed[d].items())) + ".", file=sys.stderr)
 
 
@@ -860,8 +861,8 @@ def write_outputs(out, data, trainings, result, plot, animate, save_samples, set
     return paths + [save_samples] * bool(save_samples)
 
 
-def main(args):
-    """One run of the script: returns its exit status (0, or 1 if training diverged)."""
+def main(args, log=print):
+    """One run of the script, printing through log: returns its exit status (0, or 1 if training diverged)."""
     started = time.perf_counter()
     divergences = ("forward", "reverse") if args.compare else ("reverse",) if args.reverse else ("forward",)
     data_key, train_key, eval_key = random.split(random.key(args.seed), 3)
@@ -869,28 +870,28 @@ def main(args):
     # 1-2. the data and the MLE Gaussian
     data = make_data(data_key)
     threshold = np.quantile(np.asarray(data.log_p), LOW_DENSITY_QUANTILE)      # P's own low-density region
-    print(f"data: {len(data.points)} points, scaled by min {float(data.lo):.3f} and max {float(data.hi):.3f}; "
-          "MLE Gaussian mean ({:.3f}, {:.3f})".format(*np.asarray(data.mle_mean)))
+    log(f"data: {len(data.points)} points, scaled by min {float(data.lo):.3f} and max {float(data.hi):.3f}; "
+        "MLE Gaussian mean ({:.3f}, {:.3f})".format(*np.asarray(data.mle_mean)))
 
     # 3-6. training: every seed of each divergence at once
     keys, trainings = seed_keys(train_key, args.seeds), {}
     states = init_states(keys)                     # the same starting point for each divergence
     for d in divergences:
-        print(f"training {args.seeds} generator{'s' * (args.seeds > 1)} with {DIVERGENCES[d]['name']} "
-              f"({args.objective} objective), {args.steps} steps:")
+        log(f"training {args.seeds} generator{'s' * (args.seeds > 1)} with {DIVERGENCES[d]['name']} "
+            f"({args.objective} objective), {args.steps} steps:")
         step = make_train_step(d, args.objective, args.lr_gen, args.lr_disc, args.noise, args.steps)
         trainings[d] = train_seeds(step, states, data.points, keys, args.steps,
-                                   args.batch_size, name=DIVERGENCES[d]["name"])
+                                   args.batch_size, log, DIVERGENCES[d]["name"])
 
     # 7. evaluation and the report
     result = jax.device_get(evaluation([t.state.generator[0] for t in trainings.values()], data, threshold,
                                        eval_key))
     failed = {d: failures(trainings[d], s) for d, s in zip(divergences, result.samples)}
-    report(result, divergences, args.seeds, failed)
+    report(result, divergences, args.seeds, failed, log)
     if any(failed.values()):
-        print(f"The rows marked DIVERGED above are not results. Try smaller step sizes than --lr-gen "
-              f"{args.lr_gen:g} --lr-disc {args.lr_disc:g} (defaults 1e-4 and 5e-4). No figure or .npz was "
-              "written.", file=sys.stderr)
+        log(f"The rows marked DIVERGED above are not results. Try smaller step sizes than --lr-gen "
+            f"{args.lr_gen:g} --lr-disc {args.lr_disc:g} (defaults 1e-4 and 5e-4). No figure or .npz was "
+            "written.", file=sys.stderr)
         return 1
 
     # 8. figures and files
@@ -899,8 +900,8 @@ def main(args):
     written = write_outputs(args.out, data, trainings, result, not args.no_plot, args.animate,
                             args.save_samples, settings)
     speed = np.mean([t.steps_per_second for t in trainings.values()])      # NaN with one chunk, which compiles
-    print(f"\nwritten: {', '.join(written) or 'nothing'}\ntime: {time.perf_counter() - started:.2f} s in all"
-          + f"; training alone {speed:,.0f} seed-steps/s" * bool(np.isfinite(speed)))
+    log(f"\nwritten: {', '.join(written) or 'nothing'}\ntime: {time.perf_counter() - started:.2f} s in all"
+        + f"; training alone {speed:,.0f} seed-steps/s" * bool(np.isfinite(speed)))
     return 0
 
 

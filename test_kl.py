@@ -4,11 +4,11 @@ own formulas) and asserts numbers.
 
 Run: pytest -q.  In this process the suite runs JAX on one CPU device, with two of the script's speed-ups: XLA at
 optimisation level 2, and JAX's compilation cache, kept in pytest's own cache (.pytest_cache; `pytest --cache-clear`
-empties it), so that a second run compiles almost nothing.  The script's run with every speed-up (the seeds split over
-one CPU device per core), in a process of its own, goes on in the background beside the rest of the suite, and must
-give the same bits."""
+empties it), so that a second run compiles almost nothing.  Two long runs start with the suite and go on beside the
+other tests: the default run (main, in this process, on a thread), which the mode, figure and animation tests read;
+and the script's run with every speed-up (the seeds split over one CPU device per core), in a process of its own,
+which must give the same bits as main here."""
 import concurrent.futures
-import contextlib
 import functools
 import io
 import os
@@ -52,20 +52,46 @@ def env(request, tmp_path_factory):
     return {**os.environ, "XDG_CACHE_HOME": folder, "PYTHONUNBUFFERED": "1"}
 
 
+def run_main(argv):
+    """main(parse_args(argv)) in this process, on any thread: its exit status and what it printed (stdout, stderr).
+    Output paths in argv are absolute: a test on another thread may change the working folder."""
+    out, err = io.StringIO(), io.StringIO()
+
+    def log(*args, file=None, **kwargs):
+        print(*args, file=err if file is sys.stderr else out, **kwargs)
+    status = K.main(K.parse_args(argv), log=log)
+    return status, out.getvalue(), err.getvalue()
+
+
+def run_default(folder):
+    """`--compare --seeds 4` at the default settings, with every output: its folder and what it printed."""
+    status, out, err = run_main(["--compare", "--seeds", "4", "--animate", "--out", str(folder / "figs" / "new"),
+                                 "--save-samples", str(folder / "s" / "x.npz")])
+    assert status == 0, err
+    return folder, out
+
+
 def run_with_speedups(folder, env):
     """QUICK as the script runs it, every speed-up on: the process, and the .npz it wrote."""
     return subprocess.run([sys.executable, SCRIPT] + QUICK + ["--save-samples", "fast.npz"], cwd=folder, env=env,
                           capture_output=True, text=True, timeout=300), folder / "fast.npz"
 
 
+BACKGROUND = {"default_run": ("test_forward_kl_covers_and_reverse_kl_seeks", "test_compare_writes_figures_and_samples",
+                              "test_animation_has_frames_through_training_that_move"),
+              "sped_up_run": ("test_script_with_its_speedups_gives_the_same_bits",)}
+
+
 @pytest.fixture(scope="session", autouse=True)
-def sped_up_run(request, env, tmp_path_factory):
-    """If its test was selected, the script's sped-up run, started before the first test: it runs beside them."""
-    if "test_script_with_its_speedups_gives_the_same_bits" not in {item.name for item in request.session.items}:
-        yield None
-        return
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        yield pool.submit(run_with_speedups, tmp_path_factory.mktemp("sped_up"), env)
+def background(request, env, tmp_path_factory):
+    """The two long runs, started before the first test so that they go on beside the rest, each only if a test that
+    needs it was selected: the default run, in this process on a thread (JAX lets go of Python's lock while XLA
+    compiles and computes), and the script's sped-up run, a process of its own.  {name: Future}."""
+    selected = {item.originalname for item in request.session.items}
+    jobs = {"default_run": (run_default, tmp_path_factory.mktemp("run")),
+            "sped_up_run": (run_with_speedups, tmp_path_factory.mktemp("sped_up"), env)}
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        yield {name: pool.submit(*job) for name, job in jobs.items() if selected & set(BACKGROUND[name])}
 
 
 # ---------------------------------------------------------------------------
@@ -162,10 +188,10 @@ def test_with_instance_noise_the_game_is_the_smaller_kl_of_the_widened_pair(dive
 @pytest.mark.parametrize("divergence", ["forward", "reverse"])
 def test_animation_background_at_the_optimal_critic_is_log_p_over_q(divergence):
     """The animation shades log(p/q) read from the critic's V; at V* it is the true log-ratio, sign included."""
-    x = random.normal(random.key(3), (500, 2)) * 2
-    shown = jax.jit(lambda x: K.DIVERGENCES[divergence]["log_ratio"](optimal_critic_output(divergence, x)))(x)
-    truth = jax.jit(log_p_over_q)(x)
-    assert float(jnp.std(truth)) > 0.5                         # the ratio varies, so a wrong sign would show
+    x = np.random.default_rng(3).normal(size=(500, 2)).astype(np.float32) * 2
+    shown, truth = jax.jit(lambda x: (K.DIVERGENCES[divergence]["log_ratio"](optimal_critic_output(divergence, x)),
+                                      log_p_over_q(x)))(x)
+    assert np.std(truth) > 0.5                                 # the ratio varies, so a wrong sign would show
     np.testing.assert_allclose(shown, truth, atol=1e-5)
 
 
@@ -180,11 +206,12 @@ def post_loss_reference(output, y, reverse_kl):
 @pytest.mark.parametrize("divergence", ["forward", "reverse"])
 def test_post_loss_equals_the_posts_formula(divergence):
     output = np.array([[0.1], [0.45], [0.8], [0.99]], dtype=np.float32)
+    post_loss = jax.jit(K.post_loss, static_argnums=2)
     for y in (np.ones((4, 1), np.float32), np.zeros((4, 1), np.float32)):
-        got = float(K.post_loss(jnp.asarray(output), jnp.asarray(y), divergence))
+        got = float(post_loss(output, y, divergence))
         assert got == pytest.approx(float(post_loss_reference(output, y, divergence == "reverse")), rel=1e-6)
     # hand-computed: forward, y = 1 -> -mean(output)
-    assert float(K.post_loss(jnp.asarray(output), jnp.ones((4, 1)), "forward")) == pytest.approx(-0.585, rel=1e-6)
+    assert float(post_loss(output, np.ones((4, 1), np.float32), "forward")) == pytest.approx(-0.585, rel=1e-6)
 
 
 # ---------------------------------------------------------------------------
@@ -253,20 +280,25 @@ def test_post_generator_loss_follows_reverse_kl_at_the_optimal_critic():
 
 def test_layers_equal_stax():
     from jax.example_libraries import stax
-    key = random.key(7)
     ours = K.serial(K.Dense(32), K.LeakyRelu, K.Dense(32), K.LeakyRelu, K.Dense(1), K.Sigmoid)
     ref = stax.serial(stax.Dense(32), stax.LeakyRelu, stax.Dense(32), stax.LeakyRelu, stax.Dense(1), stax.Sigmoid)
-    shape, params = jax.jit(ours[0], static_argnums=1)(key, (-1, 2))
-    ref_shape, ref_params = jax.jit(ref[0], static_argnums=1)(key, (-1, 2))
-    assert shape == ref_shape == (-1, 1)
-    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
-    x = random.normal(random.key(8), (16, 2)) * 3
-    np.testing.assert_allclose(jax.jit(ours[1])(params, x), jax.jit(ref[1])(ref_params, x), rtol=1e-6, atol=1e-7)
+    shapes = []
+
+    @jax.jit                                    # one program for every init (each compile costs more than it runs)
+    def inits(key, big_key):
+        (shape, params), (ref_shape, ref_params) = ours[0](key, (-1, 2)), ref[0](key, (-1, 2))
+        shapes.extend([shape, ref_shape])       # plain tuples, known while tracing
+        return params, ref_params, K.Dense(400)[0](big_key, (-1, 600))[1]
+    params, ref_params, (W, b) = jax.device_get(inits(random.key(7), random.key(9)))
+    assert shapes == [(-1, 1), (-1, 1)]
+    for a, b_ in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+        np.testing.assert_allclose(a, b_, rtol=1e-6, atol=1e-7)
+    x = np.random.default_rng(8).normal(size=(16, 2)).astype(np.float32) * 3
+    out, ref_out = jax.jit(lambda p, r, x: (ours[1](p, x), ref[1](r, x)))(params, ref_params, x)
+    np.testing.assert_allclose(out, ref_out, rtol=1e-6, atol=1e-7)
     # Glorot-normal scale: std of a big layer's weights is sqrt(2 / (fan_in + fan_out))
-    _, (W, b) = jax.jit(K.Dense(400)[0], static_argnums=1)(random.key(9), (-1, 600))
-    assert float(jnp.std(W)) == pytest.approx(np.sqrt(2 / 1000), rel=0.02)
-    assert float(jnp.std(b)) == pytest.approx(0.01, rel=0.15)
+    assert np.std(W) == pytest.approx(np.sqrt(2 / 1000), rel=0.02)
+    assert np.std(b) == pytest.approx(0.01, rel=0.15)
 
 
 def test_adam_equals_optimizers_adam():
@@ -327,13 +359,13 @@ def test_data_blocks_range_and_density():
 
 
 def test_kde_log_density_equals_jax_gaussian_kde():
-    samples = random.normal(random.key(3), (300, 2)) * jnp.array([0.1, 0.05]) + 0.4
-    x = random.uniform(random.key(4), (20, 2))
-    ours = jax.jit(K.kde_log_density)
-    ref = jax.jit(lambda x, samples: jax.scipy.stats.gaussian_kde(samples.T).logpdf(x.T))(x, samples)
-    np.testing.assert_allclose(ours(x, samples), ref, rtol=1e-4, atol=1e-3)
-    far = ours(jnp.array([[5.0, 5.0]]), samples)          # exp underflows; the log does not
-    assert np.isfinite(float(far[0])) and float(far[0]) < -1000
+    rng = np.random.default_rng(3)
+    samples = (rng.normal(size=(300, 2)) * [0.1, 0.05] + 0.4).astype(np.float32)
+    x = np.concatenate([rng.uniform(size=(20, 2)), [[5.0, 5.0]]]).astype(np.float32)    # the last point: far away
+    ours, ref = jax.jit(lambda x, samples: (K.kde_log_density(x, samples),
+                                            jax.scipy.stats.gaussian_kde(samples.T).logpdf(x.T)))(x, samples)
+    np.testing.assert_allclose(ours[:-1], ref[:-1], rtol=1e-4, atol=1e-3)
+    assert np.isfinite(ours[-1]) and ours[-1] < -1000          # there exp underflows; the log does not
 
 
 # ---------------------------------------------------------------------------
@@ -444,7 +476,7 @@ def test_post_objective_does_not_cover(data):
     training = K.train_seeds(K.make_train_step("forward", "post"), K.init_states(keys), data[0].points, keys, 7000,
                              log=quiet)
     small, _ = reference_shares(K.generate_seeds(training.state.generator[0], random.key(99), K.NUM_SAMPLES),
-                                data[0].lo, data[0].hi)
+                                float(data[0].lo), float(data[0].hi))
     assert np.isfinite(training.metrics.bound).all() and np.mean(np.asarray(small) < 0.15) >= 0.5, small
 
 
@@ -453,8 +485,8 @@ def test_optimisation_level_2_changes_no_bit(data):
     of the training step (the body of every training loop)."""
     state, key = fresh_states(random.key(6))[2], random.key(7)
     batch = jitted_sample(data[0].points, 0, key)
-    step = jax.jit(STEP).lower(state, 0, batch)
-    level_2, level_3 = (step.compile(compiler_options={"xla_backend_optimization_level": n}) for n in (2, 3))
+    level_2 = jitted_step                       # compiled at the suite's level 2 (XLA_FLAGS, at the top)
+    level_3 = jax.jit(STEP).lower(state, 0, batch).compile(compiler_options={"xla_backend_optimization_level": 3})
     a = b = state
     for i in range(20):
         a, b = level_2(a, i, batch)[0], level_3(b, i, batch)[0]
@@ -499,80 +531,15 @@ def test_atomic_outputs_leave_nothing_on_failure(tmp_path):
 # ---------------------------------------------------------------------------
 
 
-def run_main(argv, cwd):
-    """main(parse_args(argv)) in folder cwd: its exit status and what it printed."""
-    out, err = io.StringIO(), io.StringIO()
-    with pytest.MonkeyPatch.context() as monkeypatch, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        monkeypatch.chdir(cwd)
-        status = K.main(K.parse_args(argv))
-    return status, out.getvalue(), err.getvalue()
-
-
-@pytest.fixture(scope="module")
-def default_run(tmp_path_factory):
-    """`--compare --seeds 4` at the default settings, with every output: its folder and what it printed."""
-    folder = tmp_path_factory.mktemp("run")
-    status, out, err = run_main(["--compare", "--seeds", "4", "--animate", "--out", "figs/new",
-                                 "--save-samples", "s/x.npz"], folder)
-    assert status == 0, err
-    return folder, out
-
-
-def test_forward_kl_covers_and_reverse_kl_seeks(default_run):
-    """The default run's 4 seeds of each divergence, judged independently of the script's evaluation."""
-    folder, out = default_run
-    with np.load(folder / "s" / "x.npz") as f:
-        (fwd_small, fwd_low), (rev_small, rev_low) = (
-            map(np.asarray, reference_shares(f[f"samples_{d}"], float(f["data_min"]), float(f["data_max"])))
-            for d in ("forward", "reverse"))
-    assert np.all(fwd_small >= 0.15) and np.all(fwd_low >= 0.20), (fwd_small, fwd_low)
-    assert np.all((rev_small <= 0.02) | (rev_small >= 0.98)) and np.all(rev_low <= 0.06), (rev_small, rev_low)
-    # the critics' last estimates (median, lowest, highest seed) are near the divergences they bound: forward KL
-    # of a Q that covers, well under a nat; reverse KL of the 0.75 component, -log 0.75 = 0.288
-    last = {d: [float(v) for v in re.search(rf"step  *25000/25000  critic's estimate of {d} KL.*: (\S+)  "
-                                            r"\(seeds: (\S+) to (\S+)\)", out).groups()]
-            for d in ("forward", "reverse")}
-    assert 0.1 < last["forward"][1] and last["forward"][2] < 1.0, last
-    assert all(abs(v - np.log(4 / 3)) < 0.1 for v in last["reverse"]), last
-
-
-def test_compare_writes_figures_and_samples(default_run):
-    folder, out = default_run
-    for name in ("compare.png", "mle_fit.png"):
-        png = folder / "figs" / "new" / name
-        assert png.stat().st_size > 20_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    with np.load(folder / "s" / "x.npz") as f:
-        assert f["samples_forward"].shape == f["samples_reverse"].shape == (4, 5000, 2)
-        assert 0 <= f["samples_forward"].min() and f["samples_forward"].max() <= 1       # the scaled space
-        assert float(f["data_min"]) < 0 < 1 < float(f["data_max"])
-        assert int(f["steps"]) == 25000 and int(f["seeds"]) == 4 and str(f["objective"]) == "saddle"
-    assert not list(folder.rglob("*.tmp*")) and "written: figs/new/mle_fit.png" in out
-
-
-def test_animation_has_frames_through_training_that_move(default_run):
-    path = default_run[0] / "figs" / "new" / "training.gif"
-    gif = Image.open(path)
-    assert gif.n_frames == K.ANIMATION_FRAMES >= 24 and path.stat().st_size < 4e6
-    frames = []
-    for f in range(gif.n_frames):
-        gif.seek(f)
-        frames.append(np.asarray(gif.convert("RGB"), dtype=np.int16))
-    assert all(frame.shape == frames[0].shape for frame in frames)
-    changes = [np.abs(a - b).mean() for a, b in zip(frames, frames[1:])]
-    assert min(changes) > 0.05 and changes[0] > 1, changes              # every frame differs from the one before
-
-
-
-
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("quick")
-    assert run_main(QUICK + ["--save-samples", "quick.npz"], folder)[0] == 0
-    return folder / "quick.npz"
+    path = tmp_path_factory.mktemp("quick") / "quick.npz"
+    assert run_main(QUICK + ["--save-samples", str(path)])[0] == 0
+    return path
 
 
 def test_other_seed_other_samples(quick_run, tmp_path):
-    status, out, _ = run_main(QUICK + ["--save-samples", "other.npz", "--seed", "1"], tmp_path)
+    status, out, _ = run_main(QUICK + ["--save-samples", str(tmp_path / "other.npz"), "--seed", "1"])
     assert status == 0 and "s in all\n" in out        # one chunk: no training speed to report (it was compiling)
     with np.load(quick_run) as first, np.load(tmp_path / "other.npz") as other:
         assert np.abs(first["samples"] - other["samples"]).max() > 1e-3
@@ -580,7 +547,8 @@ def test_other_seed_other_samples(quick_run, tmp_path):
 
 def test_divergence_is_reported_and_writes_nothing(tmp_path):
     status, out, err = run_main(["--reverse", "--lr-disc", "10", "--lr-gen", "10", "--steps", "300", "--seeds", "4",
-                                 "--animate", "--out", "figs", "--save-samples", "x.npz"], tmp_path)
+                                 "--animate", "--out", str(tmp_path / "figs"), "--save-samples",
+                                 str(tmp_path / "x.npz")])
     assert status == 1
     assert "reverse KL, KL(Q||P) diverged" in err and "seed 0 (first non-finite loss at step" in err
     assert "smaller step sizes" in err and "DIVERGED" in out
@@ -639,15 +607,70 @@ def test_read_only_folder_refused(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------
+# The default run, on its thread since the suite began: mode-covering and mode-seeking, figures, animation
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def default_run(background):
+    """The default run's folder and what it printed, once its thread is done."""
+    return background["default_run"].result()
+
+
+def test_forward_kl_covers_and_reverse_kl_seeks(default_run):
+    """The default run's 4 seeds of each divergence, judged independently of the script's evaluation."""
+    folder, out = default_run
+    with np.load(folder / "s" / "x.npz") as f:
+        (fwd_small, fwd_low), (rev_small, rev_low) = (
+            map(np.asarray, reference_shares(f[f"samples_{d}"], float(f["data_min"]), float(f["data_max"])))
+            for d in ("forward", "reverse"))
+    assert np.all(fwd_small >= 0.15) and np.all(fwd_low >= 0.20), (fwd_small, fwd_low)
+    assert np.all((rev_small <= 0.02) | (rev_small >= 0.98)) and np.all(rev_low <= 0.06), (rev_small, rev_low)
+    # the critics' last estimates (median, lowest, highest seed) are near the divergences they bound: forward KL
+    # of a Q that covers, well under a nat; reverse KL of the 0.75 component, -log 0.75 = 0.288
+    last = {d: [float(v) for v in re.search(rf"step  *25000/25000  critic's estimate of {d} KL.*: (\S+)  "
+                                            r"\(seeds: (\S+) to (\S+)\)", out).groups()]
+            for d in ("forward", "reverse")}
+    assert 0.1 < last["forward"][1] and last["forward"][2] < 1.0, last
+    assert all(abs(v - np.log(4 / 3)) < 0.1 for v in last["reverse"]), last
+
+
+def test_compare_writes_figures_and_samples(default_run):
+    folder, out = default_run
+    for name in ("compare.png", "mle_fit.png"):
+        png = folder / "figs" / "new" / name
+        assert png.stat().st_size > 20_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with np.load(folder / "s" / "x.npz") as f:
+        assert f["samples_forward"].shape == f["samples_reverse"].shape == (4, 5000, 2)
+        assert 0 <= f["samples_forward"].min() and f["samples_forward"].max() <= 1       # the scaled space
+        assert float(f["data_min"]) < 0 < 1 < float(f["data_max"])
+        assert int(f["steps"]) == 25000 and int(f["seeds"]) == 4 and str(f["objective"]) == "saddle"
+    assert not list(folder.rglob("*.tmp*")) and f"written: {folder / 'figs' / 'new' / 'mle_fit.png'}" in out
+
+
+def test_animation_has_frames_through_training_that_move(default_run):
+    path = default_run[0] / "figs" / "new" / "training.gif"
+    gif = Image.open(path)
+    assert gif.n_frames == K.ANIMATION_FRAMES >= 24 and path.stat().st_size < 4e6
+    frames = []
+    for f in range(gif.n_frames):
+        gif.seek(f)
+        frames.append(np.asarray(gif.convert("RGB"), dtype=np.int16))
+    assert all(frame.shape == frames[0].shape for frame in frames)
+    changes = [np.abs(a - b).mean() for a, b in zip(frames, frames[1:])]
+    assert min(changes) > 0.05 and changes[0] > 1, changes              # every frame differs from the one before
+
+
+# ---------------------------------------------------------------------------
 # The command line in its own process, where the process is the point
 # ---------------------------------------------------------------------------
 
 
-def test_script_with_its_speedups_gives_the_same_bits(quick_run, sped_up_run):
+def test_script_with_its_speedups_gives_the_same_bits(quick_run, background):
     """QUICK as the script runs it, with every speed-up: its seeds split over two CPU devices, two on each (with two
     cores or more), a compilation cache, seaborn's threaded import, the quick exit.  Against the same run in this
     process through main, all four seeds on one device: the same samples, to the bit."""
-    r, samples = sped_up_run.result()
+    r, samples = background["sped_up_run"].result()
     assert r.returncode == 0, r.stderr
     split = (os.cpu_count() or 1) > 1 and "jax_num_cpu_devices" in jax.config.values      # not in JAX 0.4.38
     assert jax.device_count() == 1 and ("on 2 devices at once, 2 seeds on each" in r.stdout) == split
@@ -672,8 +695,10 @@ def test_bad_flags_fail_before_jax_is_imported(tmp_path, env):
     assert good.returncode != 0 and "the fake jax was imported" in good.stderr
 
 
-def test_sigterm_while_writing_leaves_nothing_partial(tmp_path, env):
-    """SIGTERM once the first output file appears (it is being written): the run stops, and nothing is left."""
+def test_sigterm_while_writing_leaves_nothing_partial(tmp_path, env, background):
+    """SIGTERM once the first output file appears (it is being written): the run stops, and nothing is left.  Run
+    last, once the background runs are done: then nothing in this process can hold up the watcher below."""
+    concurrent.futures.wait(background.values())
     figs = tmp_path / "figs"
     p = subprocess.Popen([sys.executable, SCRIPT] + QUICK + ["--animate", "--out", "figs", "--save-samples", "x.npz"],
                          cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
