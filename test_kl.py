@@ -16,6 +16,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=2").strip()
@@ -52,29 +53,35 @@ def env(request, tmp_path_factory):
     return {**os.environ, "XDG_CACHE_HOME": folder, "PYTHONUNBUFFERED": "1"}
 
 
-def run_main(argv):
+def run_main(argv, stop=None):
     """main(parse_args(argv)) in this process, on any thread: its exit status and what it printed (stdout, stderr).
-    Output paths in argv are absolute: a test on another thread may change the working folder."""
+    Output paths in argv are absolute: a test on another thread may change the working folder.  Once the Event stop
+    is set, the run ends at its next line of output."""
     out, err = io.StringIO(), io.StringIO()
 
     def log(*args, file=None, **kwargs):
+        if stop is not None and stop.is_set():
+            raise RuntimeError("the test session was stopped")
         print(*args, file=err if file is sys.stderr else out, **kwargs)
     status = K.main(K.parse_args(argv), log=log)
     return status, out.getvalue(), err.getvalue()
 
 
-def run_default(folder):
+def run_default(folder, stop):
     """`--compare --seeds 4` at the default settings, with every output: its folder and what it printed."""
     status, out, err = run_main(["--compare", "--seeds", "4", "--animate", "--out", str(folder / "figs" / "new"),
-                                 "--save-samples", str(folder / "s" / "x.npz")])
+                                 "--save-samples", str(folder / "s" / "x.npz")], stop)
     assert status == 0, err
     return folder, out
 
 
-def run_with_speedups(folder, env):
-    """QUICK as the script runs it, every speed-up on: the process, and the .npz it wrote."""
-    return subprocess.run([sys.executable, SCRIPT] + QUICK + ["--save-samples", "fast.npz"], cwd=folder, env=env,
-                          capture_output=True, text=True, timeout=300), folder / "fast.npz"
+def run_with_speedups(folder, env, started):
+    """QUICK as the script runs it, every speed-up on: the finished process and the .npz it wrote.  started: a list
+    that gets the running process, so that it can be killed if the session stops."""
+    started.append(subprocess.Popen([sys.executable, SCRIPT] + QUICK + ["--save-samples", "fast.npz"], cwd=folder,
+                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    out, err = started[-1].communicate(timeout=300)
+    return subprocess.CompletedProcess(started[-1].args, started[-1].returncode, out, err), folder / "fast.npz"
 
 
 BACKGROUND = {"default_run": ("test_forward_kl_covers_and_reverse_kl_seeks", "test_compare_writes_figures_and_samples",
@@ -86,12 +93,18 @@ BACKGROUND = {"default_run": ("test_forward_kl_covers_and_reverse_kl_seeks", "te
 def background(request, env, tmp_path_factory):
     """The two long runs, started before the first test so that they go on beside the rest, each only if a test that
     needs it was selected: the default run, in this process on a thread (JAX lets go of Python's lock while XLA
-    compiles and computes), and the script's sped-up run, a process of its own.  {name: Future}."""
-    selected = {item.originalname for item in request.session.items}
-    jobs = {"default_run": (run_default, tmp_path_factory.mktemp("run")),
-            "sped_up_run": (run_with_speedups, tmp_path_factory.mktemp("sped_up"), env)}
+    compiles and computes), and the script's sped-up run, a process of its own.  {name: Future}.  When the session
+    ends, or is stopped (Ctrl-C), the default run ends at its next line of output and the process is killed."""
+    selected, stop, started = {item.originalname for item in request.session.items}, threading.Event(), []
+    jobs = {"default_run": (run_default, tmp_path_factory.mktemp("run"), stop),
+            "sped_up_run": (run_with_speedups, tmp_path_factory.mktemp("sped_up"), env, started)}
     with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
-        yield {name: pool.submit(*job) for name, job in jobs.items() if selected & set(BACKGROUND[name])}
+        try:
+            yield {name: pool.submit(*job) for name, job in jobs.items() if selected & set(BACKGROUND[name])}
+        finally:
+            stop.set()
+            for process in started:
+                process.kill()          # nothing, if it has finished
 
 
 # ---------------------------------------------------------------------------
