@@ -78,10 +78,11 @@ def run_default(folder, stop):
 def run_with_speedups(folder, env, started):
     """QUICK as the script runs it, every speed-up on: the finished process and the .npz it wrote.  started: a list
     that gets the running process, so that it can be killed if the session stops."""
-    started.append(subprocess.Popen([sys.executable, SCRIPT] + QUICK + ["--save-samples", "fast.npz"], cwd=folder,
-                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    out, err = started[-1].communicate(timeout=300)
-    return subprocess.CompletedProcess(started[-1].args, started[-1].returncode, out, err), folder / "fast.npz"
+    p = subprocess.Popen([sys.executable, SCRIPT] + QUICK + ["--save-samples", "fast.npz"], cwd=folder, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    started.append(p)
+    out, err = p.communicate(timeout=300)
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err), folder / "fast.npz"
 
 
 BACKGROUND = {"default_run": ("test_forward_kl_covers_and_reverse_kl_seeks", "test_compare_writes_figures_and_samples",
@@ -304,8 +305,8 @@ def test_layers_equal_stax():
         return params, ref_params, K.Dense(400)[0](big_key, (-1, 600))[1]
     params, ref_params, (W, b) = jax.device_get(inits(random.key(7), random.key(9)))
     assert shapes == [(-1, 1), (-1, 1)]
-    for a, b_ in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
-        np.testing.assert_allclose(a, b_, rtol=1e-6, atol=1e-7)
+    for leaf, ref_leaf in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+        np.testing.assert_allclose(leaf, ref_leaf, rtol=1e-6, atol=1e-7)
     x = np.random.default_rng(8).normal(size=(16, 2)).astype(np.float32) * 3
     out, ref_out = jax.jit(lambda p, r, x: (ours[1](p, x), ref[1](r, x)))(params, ref_params, x)
     np.testing.assert_allclose(out, ref_out, rtol=1e-6, atol=1e-7)
@@ -681,7 +682,7 @@ def test_animation_has_frames_through_training_that_move(default_run):
 
 def test_script_with_its_speedups_gives_the_same_bits(quick_run, background):
     """QUICK as the script runs it, with every speed-up: its seeds split over two CPU devices, two on each (with two
-    cores or more), a compilation cache, seaborn's threaded import, the quick exit.  Against the same run in this
+    cores or more), a compilation cache, the quick exit (QUICK draws no PNG, so seaborn is not imported).  Against the same run in this
     process through main, all four seeds on one device: the same samples, to the bit."""
     r, samples = background["sped_up_run"].result()
     assert r.returncode == 0, r.stderr
