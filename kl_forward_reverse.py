@@ -25,6 +25,7 @@ import importlib.util
 import math
 import os
 import runpy
+import signal
 import sys
 import tempfile
 import threading
@@ -112,16 +113,35 @@ def check_writable(path, is_dir):
     return None
 
 
+def signal_again(unraisable):
+    """sys.unraisablehook: Python drops an exception raised where it cannot propagate, and a signal's handler may run
+    there (in JAX's garbage-collection callback, say), so Ctrl-C's KeyboardInterrupt or SIGTERM's SystemExit would be
+    lost and the run would go on: send that signal again, a moment later, from a thread, so that its handler runs
+    outside this callback.  Any other exception is reported as Python does."""
+    if isinstance(unraisable.exc_value, (KeyboardInterrupt, SystemExit)):
+        signum = signal.SIGINT if isinstance(unraisable.exc_value, KeyboardInterrupt) else signal.SIGTERM
+        again = threading.Timer(0.01, os.kill, (os.getpid(), signum))
+        again.daemon = True
+        again.start()
+    else:
+        sys.__unraisablehook__(unraisable)
+
+
 if __name__ == "__main__":
     # The flags are read before JAX is imported (a second), so that a mistake fails at once; then the rest of
     # this file runs as a module, and trains.  SIGTERM unwinds like Ctrl-C, so that no partial output is left.
-    import signal
     settings = parse_args()
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    sys.unraisablehook = signal_again
     try:
-        sys.exit(runpy.run_path(__file__)["run_as_script"](settings))
-    except KeyboardInterrupt:
-        sys.exit("interrupted: no partial figure or .npz was left behind")
+        status = runpy.run_path(__file__)["run_as_script"](settings)       # with the speed-ups it does not return
+    except (KeyboardInterrupt, SystemExit) as stop:         # Ctrl-C or SIGTERM: the partial outputs are gone by now
+        print("interrupted: no partial figure or .npz was left behind", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # leave without tearing down the interpreter: after a computation was cut short, that crashed once in 30
+        # SIGTERMs here ("Fatal Python error: PyThreadState_Get", while finalizing)
+        os._exit(1 if isinstance(stop, KeyboardInterrupt) else stop.code)
+    sys.exit(status)
 
 import jax  # noqa: E402  (after the flags, on purpose: see above)
 import jax.numpy as jnp  # noqa: E402
@@ -725,7 +745,7 @@ def frame_contents(gen_params, critic_params, grid, lo, hi):
 def write_animation(path, data, trainings):
     """A GIF, one panel per divergence: P's contours, seed 0's generated points and, shaded, the critic's estimate
     of log(p/q), read from T = g_f(V): red where it says Q is missing mass, blue where Q has too much."""
-    from matplotlib import colormaps
+    from matplotlib import colormaps, rc_context
     from matplotlib.animation import PillowWriter
     from matplotlib.figure import Figure
     axis = np.linspace(0, 1, GRID)
@@ -759,10 +779,13 @@ def write_animation(path, data, trainings):
     fig.draw_without_rendering()        # lay the figure out once, with its titles: every frame the same size, and
     fig.set_layout_engine("none")       # each drawn twice as fast as with constrained layout at every frame
     writer = PillowWriter(fps=6)
-    with writer.saving(fig, path, dpi=72):
+    writer.setup(fig, path, dpi=72)
+    with rc_context({"savefig.bbox": None}):        # every frame the whole figure, as in Animation.save
         for f in range(len(steps)):
             show(f)
             writer.grab_frame()
+    writer.finish()     # the GIF is written here, once every frame is drawn (writer.saving() would write it after an
+    #                     error or Ctrl-C too, and fail if no frame had been drawn)
 
 
 # ---------------------------------------------------------------------------

@@ -10,6 +10,7 @@ and the script's run with every speed-up (the seeds split over one CPU device pe
 which must give the same bits as main here."""
 import concurrent.futures
 import functools
+import gc
 import io
 import os
 import re
@@ -540,6 +541,62 @@ def test_atomic_outputs_leave_nothing_on_failure(tmp_path):
     assert final.read_bytes() == b"whole" and len(list(tmp_path.iterdir())) == 1
 
 
+def test_interrupt_while_the_first_frame_is_drawn_stays_an_interrupt(data, tmp_path, monkeypatch):
+    """Ctrl-C (or SIGTERM's SystemExit) while the GIF's first frame is drawn comes out as itself, not as an error of
+    the GIF writer's (matplotlib's writer.saving() would finish a GIF of no frames: IndexError), and leaves no file."""
+    from matplotlib.animation import PillowWriter
+    state = fresh_states(random.key(3))[2]
+    params = jax.tree.map(lambda a: np.stack([a, a]), (state.generator[0], state.critic[0]))
+    training = K.Training(None, K.Metrics(np.zeros((1, 100)), np.zeros((1, 100))), (np.array([0, 100]), *params), 0.0)
+
+    grab_frame, here = PillowWriter.grab_frame, threading.current_thread()
+
+    def interrupt(self, **kwargs):              # on this thread only: the default run may be drawing its GIF
+        if threading.current_thread() is here:
+            raise KeyboardInterrupt
+        return grab_frame(self, **kwargs)
+    monkeypatch.setattr(PillowWriter, "grab_frame", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        with K.atomic_outputs() as path:
+            K.write_animation(path(str(tmp_path / "training.gif")), data[0], {"reverse": training})
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("exception, signum", [(SystemExit(143), signal.SIGTERM), (KeyboardInterrupt(), signal.SIGINT)])
+def test_a_signal_dropped_in_a_gc_callback_is_sent_again(exception, signum, monkeypatch):
+    """The script's SIGTERM handler raises SystemExit, Ctrl-C raises KeyboardInterrupt; raised in a garbage-collection
+    callback (where a handler may run: JAX has one), Python drops it.  With signal_again as sys.unraisablehook, as
+    the script sets it, the signal comes again; without, it is lost."""
+    received, raised, here = [], [], threading.current_thread()
+    previous = signal.signal(signum, lambda *args: received.append(args[0]))
+
+    def callback(phase, info):                  # once, on this thread: the default run's thread collects too
+        if phase == "start" and threading.current_thread() is here and not raised:
+            raised.append(phase)
+            raise exception
+
+    def collect_and_wait(hook, seconds):
+        monkeypatch.setattr(sys, "unraisablehook", hook)
+        raised.clear()
+        gc.callbacks.append(callback)
+        try:
+            while not raised:                   # gc.collect() does nothing while another thread collects
+                gc.collect()
+        finally:
+            gc.callbacks.remove(callback)
+        deadline = time.time() + seconds
+        while not received and time.time() < deadline:
+            time.sleep(0.01)                    # the handler runs here, on this (the main) thread
+    try:
+        collect_and_wait(sys.__unraisablehook__, 0.5)
+        assert received == []                   # dropped (after a line on stderr)
+        collect_and_wait(K.signal_again, 10)    # it comes 0.01 s later
+        time.sleep(0.1)
+        assert received == [signum]             # once
+    finally:
+        signal.signal(signum, previous)
+
+
 # ---------------------------------------------------------------------------
 # The command line: main() in this process where a process is not the point
 # ---------------------------------------------------------------------------
@@ -682,8 +739,8 @@ def test_animation_has_frames_through_training_that_move(default_run):
 
 def test_script_with_its_speedups_gives_the_same_bits(quick_run, background):
     """QUICK as the script runs it, with every speed-up: its seeds split over two CPU devices, two on each (with two
-    cores or more), a compilation cache, the quick exit (QUICK draws no PNG, so seaborn is not imported).  Against the same run in this
-    process through main, all four seeds on one device: the same samples, to the bit."""
+    cores or more), a compilation cache, the quick exit (QUICK draws no PNG, so seaborn is not imported).  Against
+    the same run in this process through main, all four seeds on one device: the same samples, to the bit."""
     r, samples = background["sped_up_run"].result()
     assert r.returncode == 0, r.stderr
     split = (os.cpu_count() or 1) > 1 and "jax_num_cpu_devices" in jax.config.values      # not in JAX 0.4.38
@@ -710,18 +767,23 @@ def test_bad_flags_fail_before_jax_is_imported(tmp_path, env):
 
 
 def test_sigterm_while_writing_leaves_nothing_partial(tmp_path, env, background):
-    """SIGTERM once the first output file appears (it is being written): the run stops, and nothing is left.  Run
-    last, once the background runs are done: then nothing in this process can hold up the watcher below."""
+    """SIGTERM once the first output file appears (it is being written): the run stops, and nothing is left.  The
+    outputs take under a second to write, so nothing may hold up the watcher below: it runs last, once the background
+    runs are done, with garbage collection off (a collection of this process's heap takes a quarter of a second)."""
     concurrent.futures.wait(background.values())
     figs = tmp_path / "figs"
     p = subprocess.Popen([sys.executable, SCRIPT] + QUICK + ["--animate", "--out", "figs", "--save-samples", "x.npz"],
                          cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
-    while not (figs.exists() and list(figs.iterdir())) and p.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    writing = [f.name for f in figs.iterdir()] if figs.exists() else []
-    p.send_signal(signal.SIGTERM)
+    gc.disable()
+    try:
+        while not (figs.exists() and list(figs.iterdir())) and p.poll() is None and time.time() < deadline:
+            time.sleep(0.005)
+        writing = [f.name for f in figs.iterdir()] if figs.exists() else []
+        p.send_signal(signal.SIGTERM)
+    finally:
+        gc.enable()
     out, err = p.communicate(timeout=60)
-    assert writing and p.returncode == 128 + signal.SIGTERM, (writing, p.returncode, err)
-    assert "written:" not in out                   # it was stopped before the outputs were complete
+    assert writing and p.returncode == 128 + signal.SIGTERM, (writing, p.returncode, err[-3000:])
+    assert "written:" not in out, err[-3000:]     # it was stopped before the outputs were complete
     assert not [f for f in tmp_path.rglob("*") if f.is_file()]
