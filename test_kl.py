@@ -86,23 +86,64 @@ def run_with_speedups(folder, env, started):
     return subprocess.CompletedProcess(p.args, p.returncode, out, err), folder / "fast.npz"
 
 
+# QUICK with --animate, in a process that sends itself SIGTERM as the second of its GIF's 3 frames is drawn: no race
+# with the writing, which takes under a second.  It lists the output folder first, to show what was being written.
+STOP_WHILE_WRITING = """
+import os, runpy, signal, sys
+from matplotlib.animation import PillowWriter
+grab_frame, frames = PillowWriter.grab_frame, []
+
+def grab_frame_then_stop(self, **kwargs):
+    frames.append(1)
+    if len(frames) == 2:
+        print("writing:", *sorted(os.listdir("figs")), file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+    grab_frame(self, **kwargs)
+PillowWriter.grab_frame = grab_frame_then_stop
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def run_with_sigterm(folder, env, started, after):
+    """STOP_WHILE_WRITING: the finished process, and its folder.  after: the sped-up run's Future, or None; this run
+    waits for it, and then finds that run's programs in the compilation cache."""
+    concurrent.futures.wait([after] if after else [])
+    p = subprocess.Popen([sys.executable, "-c", STOP_WHILE_WRITING, SCRIPT] + QUICK + [
+        "--animate", "--out", "figs", "--save-samples", "x.npz"], cwd=folder, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    started.append(p)
+    out, err = p.communicate(timeout=300)
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err), folder
+
+
 BACKGROUND = {"default_run": ("test_forward_kl_covers_and_reverse_kl_seeks", "test_compare_writes_figures_and_samples",
                               "test_animation_has_frames_through_training_that_move"),
-              "sped_up_run": ("test_script_with_its_speedups_gives_the_same_bits",)}
+              "sped_up_run": ("test_script_with_its_speedups_gives_the_same_bits",),
+              "sigterm_run": ("test_sigterm_while_writing_leaves_nothing_partial",)}
 
 
 @pytest.fixture(scope="session", autouse=True)
 def background(request, env, tmp_path_factory):
-    """The two long runs, started before the first test so that they go on beside the rest, each only if a test that
+    """The long runs, started before the first test so that they go on beside the rest, each only if a test that
     needs it was selected: the default run, in this process on a thread (JAX lets go of Python's lock while XLA
-    compiles and computes), and the script's sped-up run, a process of its own.  {name: Future}.  When the session
-    ends, or is stopped (Ctrl-C), the default run ends at its next line of output and the process is killed."""
+    compiles and computes); the script's sped-up run, a process of its own; then the SIGTERM run, another.
+    {name: Future}.  When the session ends, or is stopped (Ctrl-C), the default run ends at its next line of output
+    and the processes are killed."""
     selected, stop, started = {item.originalname for item in request.session.items}, threading.Event(), []
-    jobs = {"default_run": (run_default, tmp_path_factory.mktemp("run"), stop),
-            "sped_up_run": (run_with_speedups, tmp_path_factory.mktemp("sped_up"), env, started)}
-    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+    wanted = [name for name, tests in BACKGROUND.items() if selected & set(tests)]
+    with concurrent.futures.ThreadPoolExecutor(len(BACKGROUND)) as pool:
+        futures = {}
         try:
-            yield {name: pool.submit(*job) for name, job in jobs.items() if selected & set(BACKGROUND[name])}
+            if "default_run" in wanted:
+                futures["default_run"] = pool.submit(run_default, tmp_path_factory.mktemp("run"), stop)
+            if "sped_up_run" in wanted:
+                futures["sped_up_run"] = pool.submit(run_with_speedups, tmp_path_factory.mktemp("sped_up"), env,
+                                                     started)
+            if "sigterm_run" in wanted:
+                futures["sigterm_run"] = pool.submit(run_with_sigterm, tmp_path_factory.mktemp("sigterm"), env,
+                                                     started, futures.get("sped_up_run"))
+            yield futures
         finally:
             stop.set()
             for process in started:
@@ -766,24 +807,11 @@ def test_bad_flags_fail_before_jax_is_imported(tmp_path, env):
     assert good.returncode != 0 and "the fake jax was imported" in good.stderr
 
 
-def test_sigterm_while_writing_leaves_nothing_partial(tmp_path, env, background):
-    """SIGTERM once the first output file appears (it is being written): the run stops, and nothing is left.  The
-    outputs take under a second to write, so nothing may hold up the watcher below: it runs last, once the background
-    runs are done, with garbage collection off (a collection of this process's heap takes a quarter of a second)."""
-    concurrent.futures.wait(background.values())
-    figs = tmp_path / "figs"
-    p = subprocess.Popen([sys.executable, SCRIPT] + QUICK + ["--animate", "--out", "figs", "--save-samples", "x.npz"],
-                         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    gc.disable()
-    try:
-        while not (figs.exists() and list(figs.iterdir())) and p.poll() is None and time.time() < deadline:
-            time.sleep(0.005)
-        writing = [f.name for f in figs.iterdir()] if figs.exists() else []
-        p.send_signal(signal.SIGTERM)
-    finally:
-        gc.enable()
-    out, err = p.communicate(timeout=60)
-    assert writing and p.returncode == 128 + signal.SIGTERM, (writing, p.returncode, err[-3000:])
-    assert "written:" not in out, err[-3000:]     # it was stopped before the outputs were complete
-    assert not [f for f in tmp_path.rglob("*") if f.is_file()]
+def test_sigterm_while_writing_leaves_nothing_partial(background):
+    """SIGTERM while the GIF is being written (STOP_WHILE_WRITING): the run stops with 128 + SIGTERM, and leaves
+    nothing, neither the GIF's temporary file nor the .npz."""
+    r, folder = background["sigterm_run"].result()
+    assert r.returncode == 128 + signal.SIGTERM, r.stderr[-3000:]
+    assert re.search(r"writing: \.training\.\S+\.tmp\.gif\n", r.stderr), r.stderr[-3000:]
+    assert "written:" not in r.stdout and "interrupted: no partial figure" in r.stderr
+    assert not [f for f in folder.rglob("*") if f.is_file()]
