@@ -105,10 +105,12 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def run_with_sigterm(folder, env, started, after):
+def run_with_sigterm(folder, env, started, after, stop):
     """STOP_WHILE_WRITING: the finished process, and its folder.  after: the sped-up run's Future, or None; this run
-    waits for it, and then finds that run's programs in the compilation cache."""
+    waits for it, and then finds that run's programs in the compilation cache; it does not start if stop is set."""
     concurrent.futures.wait([after] if after else [])
+    if stop.is_set():
+        raise RuntimeError("the test session was stopped")
     p = subprocess.Popen([sys.executable, "-c", STOP_WHILE_WRITING, SCRIPT] + QUICK + [
         "--animate", "--out", "figs", "--save-samples", "x.npz"], cwd=folder, env=env, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True)
@@ -142,7 +144,7 @@ def background(request, env, tmp_path_factory):
                                                      started)
             if "sigterm_run" in wanted:
                 futures["sigterm_run"] = pool.submit(run_with_sigterm, tmp_path_factory.mktemp("sigterm"), env,
-                                                     started, futures.get("sped_up_run"))
+                                                     started, futures.get("sped_up_run"), stop)
             yield futures
         finally:
             stop.set()
