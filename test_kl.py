@@ -4,10 +4,10 @@ own formulas) and asserts numbers.
 
 Run: pytest -q.  In this process the suite runs JAX on one CPU device, with two of the script's speed-ups: XLA at
 optimisation level 2, and JAX's compilation cache, kept in pytest's own cache (.pytest_cache; `pytest --cache-clear`
-empties it), so that a second run compiles almost nothing.  Two long runs start with the suite and go on beside the
-other tests: the default run (main, in this process, on a thread), which the mode, figure and animation tests read;
-and the script's run with every speed-up (the seeds split over one CPU device per core), in a process of its own,
-which must give the same bits as main here."""
+empties it), so that a second run compiles almost nothing.  Three long runs start with the suite and go on beside
+the other tests: the default run (main, in this process, on a thread), which the mode, figure and animation tests
+read; the script's run with every speed-up (the seeds split over one CPU device per core), in a process of its own,
+which must give the same bits as main here; and after it, in another, a run stopped by SIGTERM while it writes."""
 import concurrent.futures
 import functools
 import gc
@@ -76,14 +76,19 @@ def run_default(folder, stop):
     return folder, out
 
 
-def run_with_speedups(folder, env, started):
-    """QUICK as the script runs it, every speed-up on: the finished process and the .npz it wrote.  started: a list
-    that gets the running process, so that it can be killed if the session stops."""
-    p = subprocess.Popen([sys.executable, SCRIPT] + QUICK + ["--save-samples", "fast.npz"], cwd=folder, env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def run_process(args, folder, env, started):
+    """python args in folder, to the end: the finished process.  started: a list that gets the running process, so
+    that it can be killed if the session stops."""
+    p = subprocess.Popen([sys.executable] + args, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
     started.append(p)
     out, err = p.communicate(timeout=300)
-    return subprocess.CompletedProcess(p.args, p.returncode, out, err), folder / "fast.npz"
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+
+def run_with_speedups(folder, env, started):
+    """QUICK as the script runs it, every speed-up on: the finished process and the .npz it wrote."""
+    return run_process([SCRIPT] + QUICK + ["--save-samples", "fast.npz"], folder, env, started), folder / "fast.npz"
 
 
 # QUICK with --animate, in a process that sends itself SIGTERM as the second of its GIF's 3 frames is drawn: no race
@@ -111,12 +116,8 @@ def run_with_sigterm(folder, env, started, after, stop):
     concurrent.futures.wait([after] if after else [])
     if stop.is_set():
         raise RuntimeError("the test session was stopped")
-    p = subprocess.Popen([sys.executable, "-c", STOP_WHILE_WRITING, SCRIPT] + QUICK + [
-        "--animate", "--out", "figs", "--save-samples", "x.npz"], cwd=folder, env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True)
-    started.append(p)
-    out, err = p.communicate(timeout=300)
-    return subprocess.CompletedProcess(p.args, p.returncode, out, err), folder
+    return run_process(["-c", STOP_WHILE_WRITING, SCRIPT] + QUICK + [
+        "--animate", "--out", "figs", "--save-samples", "x.npz"], folder, env, started), folder
 
 
 BACKGROUND = {"default_run": ("test_forward_kl_covers_and_reverse_kl_seeks", "test_compare_writes_figures_and_samples",
