@@ -4,16 +4,20 @@ and P's densities written here.  Run: pytest -q."""
 import math
 import os
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import pytest
-from jax import random
-from jax.example_libraries import optimizers, stax
-from jax.test_util import check_grads
-from PIL import Image
+# read when JAX starts: two CPU devices, so that the default run's two seeds train at once; XLA's LLVM at -O2,
+# which compiles the training program in two thirds of the time and gives the same numbers
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + (" --xla_force_host_platform_device_count=2"
+                                                             " --xla_backend_optimization_level=2")
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from jax import random  # noqa: E402
+from jax.example_libraries import optimizers, stax  # noqa: E402
+from jax.test_util import check_grads  # noqa: E402
+from PIL import Image  # noqa: E402
 
-import kl_forward_reverse as K
+import kl_forward_reverse as K  # noqa: E402
 
 jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.dirname(__file__), ".pytest_cache", "jax"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
@@ -149,7 +153,7 @@ def test_check_grads_of_the_networks_and_losses():
     state = K.init_state(random.key(6))
     real, z, _ = K.sample_batch(random.uniform(random.key(7), (50, 2)), 0, random.key(8), 8)
     fake = K.generator_apply(state.generator[0], z)
-    for name in ("forward", "reverse", "js"):
+    for name in ("forward", "reverse"):
         check_grads(lambda c: K.discriminator_loss(c, real, fake, name), (state.critic[0],), order=1, modes="rev",
                     atol=2e-2, rtol=2e-2)
         check_grads(lambda g: K.generator_loss(g, state.critic[0], z, name), (state.generator[0],), order=1,
@@ -163,12 +167,12 @@ def data():
 
 def test_fused_loop_equals_a_python_loop(data):
     """train (a lax.scan over batches drawn 100 at a time) equals a Python loop of the jitted step, step by step."""
-    step = K.make_train_step("reverse", "saddle", 6e-4, 2e-3, 0.1, 10000)
+    step = K.make_train_step("reverse", "saddle", 3e-4, 1e-3, 0.1, 15000)
     key, state = random.key(10), K.init_state(random.key(11))
-    fused, bounds, _ = jax.jit(K.train, static_argnums=(0, 5, 6))(step, state, data.points, key, 200, 100, 128)
+    fused, bounds, _ = jax.jit(K.train, static_argnums=(0, 5, 6))(step, state, data.points, key, 200, 100, 16)
     jit_step = jax.jit(step)
     for i in range(200, 300):
-        state, bound = jit_step(state, i, K.sample_batch(data.points, i, key, 128))
+        state, bound = jit_step(state, i, K.sample_batch(data.points, i, key, 16))
         assert float(bound) == pytest.approx(float(bounds[i - 200]), rel=1e-4, abs=1e-5)
     for a, b in zip(jax.tree.leaves(fused), jax.tree.leaves(state), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
@@ -236,7 +240,7 @@ def test_forward_kl_covers_and_reverse_kl_seeks(default_run, seed_0_points):
 def test_outputs_of_the_default_run(default_run):
     npz = np.load(default_run / "s.npz")
     assert npz["samples_forward"].shape == npz["samples_reverse"].shape == (2, K.NUM_SAMPLES, 2)
-    assert (int(npz["steps"]), float(npz["lr_gen"]), int(npz["seed"])) == (10000, 6e-4, 0)
+    assert (int(npz["steps"]), float(npz["lr_gen"]), int(npz["seed"])) == (15000, 3e-4, 0)
     assert sorted(p.name for p in default_run.iterdir()) == ["compare.png", "mle_fit.png", "s.npz", "training.gif"]
     assert Image.open(default_run / "compare.png").size == (2100, 520)
     gif = Image.open(default_run / "training.gif")
@@ -254,22 +258,21 @@ def test_the_posts_objective_does_not_cover(tmp_path, seed_0_points):
     assert np.sum(small < 0.15) >= 2, small
 
 
-SHORT = ["--steps", "100", "--reverse", "--animate"]
-
-
 def test_a_diverged_run_writes_nothing(tmp_path, capsys):
-    argv = SHORT + ["--lr-gen", "10", "--lr-disc", "10", "--out", str(tmp_path), "--save-samples", str(tmp_path / "s.npz")]
+    argv = ["--steps", "100", "--lr-gen", "10", "--lr-disc", "10", "--out", str(tmp_path),
+            "--save-samples", str(tmp_path / "s.npz")]
     assert K.main(argv, log=print) == 1
     assert "diverged" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
 
-def test_an_error_while_writing_leaves_nothing(tmp_path, monkeypatch):
-    def fail(*args, **kwargs):
+def test_an_error_while_writing_leaves_nothing(tmp_path):
+    """A figure is written, then the next output fails: neither is left, under its name or a temporary one."""
+    from matplotlib.figure import Figure
+    with pytest.raises(OSError, match="disk full"), K.atomic_outputs() as path:
+        Figure().savefig(path(str(tmp_path / "figure.png")))
+        assert len(list(tmp_path.iterdir())) == 1
         raise OSError("disk full")
-    monkeypatch.setattr(np, "savez", fail)           # the .npz is written last, after the PNGs and the GIF
-    with pytest.raises(OSError, match="disk full"):
-        K.main(SHORT + ["--out", str(tmp_path), "--save-samples", str(tmp_path / "s.npz")], log=quiet)
     assert list(tmp_path.iterdir()) == []
 
 
