@@ -28,7 +28,7 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 # the optimal critic's V for each row, solved here from g_f(V) = f'(u), u = p/q (f-GAN paper, Table 2)
 OPTIMAL_V = {"forward": lambda u: 1 + jnp.log(u), "reverse": jnp.log, "pearson": lambda u: 2 * (u - 1),
-             "hellinger": lambda u: jnp.log(u) / 2, "js": jnp.log, "gan": jnp.log, "neyman": lambda u: 2 * jnp.log(u)}
+             "hellinger": lambda u: jnp.log(u) / 2, "js": jnp.log, "gan": jnp.log}
 
 
 def test_every_row_has_an_optimal_critic_here():
@@ -76,7 +76,7 @@ def test_quadrature_reference_is_the_closed_form_kl():
 
 
 REFERENCE_F = {"forward": lambda u: u * np.log(u), "reverse": lambda u: -np.log(u), "pearson": lambda u: (u - 1) ** 2,
-               "hellinger": lambda u: (np.sqrt(u) - 1) ** 2, "neyman": lambda u: (1 - u) ** 2 / u,
+               "hellinger": lambda u: (np.sqrt(u) - 1) ** 2,
                "js": lambda u: u * np.log(u) - (u + 1) * np.log((u + 1) / 2),
                "gan": lambda u: u * np.log(u) - (u + 1) * np.log(u + 1)}
 
@@ -249,13 +249,17 @@ def test_outputs_of_the_default_run(default_run):
     assert all(np.abs(a - b).mean() > 0.1 for a, b in zip(frames, frames[1:]))       # every frame moves
 
 
-def test_the_posts_objective_does_not_cover(tmp_path, seed_0_points):
-    """The post's objective at its own settings: forward KL leaves the small mode out on most seeds."""
-    assert K.main(["--objective", "post", "--seeds", "4", "--no-plot", "--save-samples", str(tmp_path / "s.npz")],
-                  log=quiet) == 0
+def test_the_posts_objective_does_not_show_the_effect(tmp_path, seed_0_points):
+    """The post's objective at its own settings, 4 seeds of each: at least half of the 8 generators miss their
+    divergence's floor (forward KL not covering, reverse KL not on one mode); the default game misses none."""
+    argv = ["--compare", "--objective", "post", "--seeds", "4", "--no-plot", "--save-samples", str(tmp_path / "s.npz")]
+    assert K.main(argv, log=quiet) == 0
     npz = np.load(tmp_path / "s.npz")
-    small, low = shares(npz["samples"], npz["data_min"], npz["data_max"], seed_0_points)
-    assert np.sum(small < 0.15) >= 2, small
+    small, low = shares(npz["samples_forward"], npz["data_min"], npz["data_max"], seed_0_points)
+    misses = np.sum((small < 0.15) | (low < 0.20))
+    small, low = shares(npz["samples_reverse"], npz["data_min"], npz["data_max"], seed_0_points)
+    misses += np.sum(((small > 0.02) & (small < 0.98)) | (low > 0.06))
+    assert misses >= 4, misses
 
 
 def test_a_diverged_run_writes_nothing(tmp_path, capsys):
