@@ -251,7 +251,7 @@ def test_outputs_of_the_default_run(default_run):
 
 def test_the_posts_objective_does_not_show_the_effect(tmp_path, seed_0_points):
     """The post's objective at its own settings, 4 seeds of each: at least half of the 8 generators miss their
-    divergence's floor (forward KL not covering, reverse KL not on one mode); the default game misses none."""
+    divergence's floor (forward KL not covering, reverse KL not on one mode)."""
     argv = ["--compare", "--objective", "post", "--seeds", "4", "--no-plot", "--save-samples", str(tmp_path / "s.npz")]
     assert K.main(argv, log=quiet) == 0
     npz = np.load(tmp_path / "s.npz")
