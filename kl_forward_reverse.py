@@ -528,7 +528,8 @@ def gaussian_points(mean, cov, key):
 def format_table(labels, rows):
     width = max(map(len, labels))
     return "\n".join([" " * width + "".join(f"{c:>12}" for c in COLUMNS)] + [
-        f"{label:<{width}}" + "".join(f"{v:>12.3f}" for v in row) for label, row in zip(labels, rows)])
+        (f"{label:<{width}}" + "".join(f"{v:>12.3f}" if np.isfinite(v) else " " * 12 for v in row)).rstrip()
+        for label, row in zip(labels, rows)])
 
 
 # ---------------------------------------------------------------------------
@@ -570,7 +571,7 @@ def figure(data, panels, bounds=None):
     if wide:
         axes[-1].set(xlabel="training step", ylabel="critic's estimate (nats)",
                      title="E_P[T] - E_Q[f*(T)], the f-GAN lower bound")
-        axes[-1].legend(loc="upper right")
+        axes[-1].legend(loc="best")
     return fig
 
 
