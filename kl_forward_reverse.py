@@ -67,7 +67,7 @@ def parse_args(argv=None):
     what.add_argument("--reverse", action="store_true", help="train with reverse KL, KL(Q||P); the default is forward")
     what.add_argument("--divergence", choices=list(DIVERGENCES), default="forward", help="train with this divergence")
     what.add_argument("--compare", nargs="*", choices=list(DIVERGENCES), metavar="NAME",
-                      help="train each NAME (default: forward reverse), and draw them side by side")
+                      help="train each NAME, any of --divergence's (default: forward reverse), side by side")
     p.add_argument("--objective", choices=DEFAULTS, default="saddle",
                    help="saddle: the f-GAN game (default); post: the blog post's objective, at its settings")
     p.add_argument("--steps", type=checked(int, lambda v: v > 0 and v % 100 == 0, "a positive multiple of 100"),
@@ -499,6 +499,13 @@ def evaluate(q_samples, data, key):
     return jnp.stack([1 - small_mode, small_mode, low_density, kl_pq, kl_qp])
 
 
+generate_each = jax.jit(jax.vmap(generator_apply, (0, None)))     # params stacked on axis 0, the same z for each
+
+
+def gaussian_points(mean, cov, key):
+    return random.multivariate_normal(key, mean, cov, (NUM_SAMPLES,))
+
+
 class Result(NamedTuple):
     labels: list            # a row each: the MLE Gaussian, then for each divergence its best Gaussian and its GANs
     rows: np.ndarray        # (rows, COLUMNS)
@@ -512,17 +519,13 @@ def evaluation(data, trainings, key):
     labels, points, d_f, samples = ["MLE Gaussian"], [gaussian_points(data.mle_mean, data.mle_cov, key)], [np.nan], {}
     for d, t in trainings.items():
         mean, cov = best_gaussian(d, data)
-        samples[d] = np.asarray(jax.jit(jax.vmap(generator_apply, (0, None)))(t.state.generator[0], z))
+        samples[d] = np.asarray(generate_each(t.state.generator[0], z))
         seeds = range(len(t.bounds))
         labels += [f"{d}: best Gaussian"] + [f"{d}: GAN" + f", seed {s}" * (len(seeds) > 1) for s in seeds]
         points += [gaussian_points(mean, cov, key), *samples[d]]
         d_f += [gaussian_divergence(d, mean, cov, data), *np.mean(t.bounds[:, -t.bounds.shape[1] // 10:], axis=1)]
     rows = np.column_stack([np.stack([evaluate(p, data, key) for p in points]), d_f])
     return Result(labels, rows, samples, np.asarray(points[0]))
-
-
-def gaussian_points(mean, cov, key):
-    return random.multivariate_normal(key, mean, cov, (NUM_SAMPLES,))
 
 
 def format_table(labels, rows):
@@ -593,7 +596,7 @@ def write_animation(path, data, trainings):
     for ax, (d, training) in zip(np.atleast_1d(fig.subplots(1, len(trainings))), trainings.items()):
         steps, gen_params, critic_params = jax.tree.map(
             lambda a: a[np.linspace(0, len(a) - 1, FRAMES).round().astype(int)], training.snapshots)
-        points = np.asarray(jax.vmap(generator_apply, (0, None))(gen_params, z))
+        points = np.asarray(generate_each(gen_params, z))
         v = jax.vmap(critic_apply, (0, None))(critic_params, grid)
         log_ratio = np.asarray(DIVERGENCES[d].log_ratio(v)).reshape(-1, GRID, GRID)
         estimates = [np.mean(training.bounds[0, max(0, s - 100):max(1, s)]) for s in steps]    # F, 100 steps
