@@ -52,13 +52,14 @@ def checked(cast, accepts, what):
 
 
 # The defaults of each objective: the f-GAN game's, and the post's own settings.
-DEFAULTS = {"saddle": dict(steps=15000, batch_size=128, lr_gen=3e-4, lr_disc=1e-3, noise=0.1),
+DEFAULTS = {"saddle": dict(steps=10000, batch_size=128, lr_gen=6e-4, lr_disc=5e-3, noise=0.03),
             "post": dict(steps=7000, batch_size=64, lr_gen=1e-4, lr_disc=5e-4, noise=0.0)}
 
 
 def parse_args(argv=None):
     """The flags, checked: a bad one is one line on stderr and exit status 2."""
     count = checked(int, lambda v: v >= 1, "an integer >= 1")
+    both = {k: f"{v}; post: {DEFAULTS['post'][k]}" for k, v in DEFAULTS["saddle"].items()}     # the defaults, for help
     rate = checked(float, lambda v: 0 < v < math.inf, "a finite number > 0")
     p = argparse.ArgumentParser(prog="kl_forward_reverse.py", allow_abbrev=False,
                                 description="Forward vs reverse KL (and other f-divergences) with a tiny f-GAN.")
@@ -71,19 +72,20 @@ def parse_args(argv=None):
     p.add_argument("--objective", choices=DEFAULTS, default="saddle",
                    help="saddle: the f-GAN game (default); post: the blog post's objective, at its settings")
     p.add_argument("--steps", type=checked(int, lambda v: v > 0 and v % 100 == 0, "a positive multiple of 100"),
-                   help="training steps (15000; post: 7000)")
-    p.add_argument("--batch-size", type=count, help="data points and generated points per step (128; post: 64)")
-    p.add_argument("--lr-gen", type=rate, help="the generator's Adam step size, falling to 0 (3e-4; post: 1e-4, flat)")
-    p.add_argument("--lr-disc", type=rate, help="the critic's Adam step size, falling to 0 (1e-3; post: 5e-4, flat)")
+                   help=f"training steps ({both['steps']})")
+    p.add_argument("--batch-size", type=count, help=f"data points and generated points per step ({both['batch_size']})")
+    p.add_argument("--lr-gen", type=rate, help=f"the generator's Adam step size, falling to 0 ({both['lr_gen']}, flat)")
+    p.add_argument("--lr-disc", type=rate, help=f"the critic's Adam step size, falling to 0 ({both['lr_disc']}, flat)")
     p.add_argument("--noise", type=checked(float, lambda v: 0 <= v < math.inf, "a finite number >= 0"),
-                   help="instance noise: its std at step 0, falling to 0 by the last step (0.1; post: 0)")
+                   help=f"instance noise: its std at step 0, falling to 0 by the last step ({both['noise']})")
     p.add_argument("--seed", type=checked(int, lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"), default=0,
                    help="random seed (0): the same seed and flags give the same numbers")
     p.add_argument("--seeds", type=count, default=1, help="independent runs, trained at once (1)")
     p.add_argument("--out", default="out", help="folder for the figures, created if missing (out)")
     p.add_argument("--no-plot", action="store_true", help="draw no PNG figures")
     p.add_argument("--animate", action="store_true", help="also write training.gif: seed 0 as it trains")
-    p.add_argument("--save-samples", metavar="PATH.npz", help="write 5000 points per seed, and the settings, here")
+    p.add_argument("--save-samples", metavar="PATH.npz",
+                   help="write 5000 points per seed, the generators' W and b, and the settings, here")
     args = p.parse_args(argv)
     for name, value in DEFAULTS[args.objective].items():
         setattr(args, name, value if getattr(args, name) is None else getattr(args, name))
@@ -319,7 +321,9 @@ def gaussian_divergence(divergence, mean, cov, data):
     """D_f(P||N) = integral of n f(p/n), by quadrature over [-0.25, 1.25]^2, where P has all its mass; where p > n
     as p f(u)/u, u = p/n, so that no term overflows (u clipped to e^(+-40) nats)."""
     log_p = mixture_log_density(QUADRATURE, data.lo, data.hi)
-    log_n = multivariate_normal.logpdf(QUADRATURE, mean, cov)
+    # log n in closed form: best_gaussian runs several times faster than through multivariate_normal.logpdf
+    d = QUADRATURE - mean
+    log_n = -0.5 * (jnp.einsum("ni,ij,nj->n", d, jnp.linalg.inv(cov), d) + jnp.log(jnp.linalg.det(2 * math.pi * cov)))
     log_u = jnp.clip(log_p - log_n, -40.0, 40.0)
     f = DIVERGENCES[divergence].f(jnp.exp(log_u))
     return jnp.sum(jnp.where(log_u > 0, jnp.exp(log_p - log_u) * f, jnp.exp(log_n) * f)) * 0.025 ** 2
@@ -347,6 +351,7 @@ def best_gaussian(divergence, data, steps=2000):
 class State(NamedTuple):
     generator: tuple        # Adam state (params, m, v) of G
     critic: tuple           # Adam state (params, m, v) of V
+    average: list           # G's params averaged over the last steps: the generator that is evaluated
 
 
 def init_state(key):
@@ -355,7 +360,7 @@ def init_state(key):
     adam_init = adam(None)[0]
     _, gen_params = generator_init(gen_key, (-1, LATENT_DIM))
     _, critic_params = critic_init(critic_key, (-1, 2))
-    return State(adam_init(gen_params), adam_init(critic_params))
+    return State(adam_init(gen_params), adam_init(critic_params), gen_params)
 
 
 def sample_batch(data, i, key, batch_size):
@@ -366,31 +371,46 @@ def sample_batch(data, i, key, batch_size):
     return real, random.uniform(z_key, (batch_size, LATENT_DIM)), random.normal(noise_key, (2, batch_size, 2))
 
 
-def make_train_step(divergence, objective, lr_gen, lr_disc, noise, num_steps):
-    """train_step(state, i, batch) -> (state, F at this batch): one critic step, then one generator step.
+class Schedule(NamedTuple):
+    """The settings that are values, not shapes: traced, so that runs differing only in them share one program."""
+    lr_gen: float           # the generator's Adam step size at step 0
+    lr_disc: float          # the critic's
+    noise: float            # the instance noise's std at step 0
+    num_steps: int          # the step by which all three have fallen to 0 (the saddle game)
 
-    The saddle game anneals: both step sizes and the instance noise fall linearly to 0 by the last step, so the
-    players settle.  Instance noise (Sonderby et al. 2017): the critic sees data and generated points moved by
-    N(0, s_i^2 I), s_i = noise (1 - i / num_steps); the game is then between P * N and Q * N, which overlap
-    everywhere.  The post's step keeps its step sizes flat."""
-    def anneal(i):
-        return jnp.maximum(0.0, 1.0 - i / num_steps) if objective == "saddle" else 1.0
-    _, gen_update, gen_params = adam(lambda i: lr_gen * anneal(i))
-    _, critic_update, critic_params = adam(lambda i: lr_disc * anneal(i))
 
-    def saddle_step(state, i, batch):
+AVERAGE_DECAY = 0.999       # the evaluated generator averages G's params over about the last 1 / (1 - 0.999) steps
+
+
+def make_train_step(divergence, objective):
+    """train_step(state, i, batch, schedule) -> (state, F at this batch): one critic step, then one generator step.
+
+    The saddle game converges on every seed with three plain means.  The critic's step size is about 8 times the
+    generator's, so that it stays near its optimum T* and the generator follows the divergence (two time-scales,
+    Heusel et al. 2017); both fall linearly to 0 by the last step.  Instance noise (Sonderby et al. 2017) moves the
+    points the critic sees by N(0, s_i^2 I), s_i = noise (1 - i / num_steps), narrower than P's components.  And
+    the generator that is evaluated is an average of G's params over the last steps: it leaves the game as it is
+    and damps its cycles (Yazici et al. 2019).  The post's step keeps its step sizes flat, and averages nothing."""
+    def saddle_step(state, i, batch, schedule):
+        anneal = jnp.maximum(0.0, 1.0 - i / schedule.num_steps)
+        _, gen_update, gen_params = adam(schedule.lr_gen * anneal)
+        _, critic_update, critic_params = adam(schedule.lr_disc * anneal)
         real, z, normal = batch
-        jitter = noise * anneal(i) * normal
+        jitter = schedule.noise * anneal * normal
         fake = generator_apply(gen_params(state.generator), z)
         loss, grads = jax.value_and_grad(discriminator_loss)(critic_params(state.critic), real + jitter[0],
                                                              fake + jitter[1], divergence)
         critic = critic_update(i, grads, state.critic)
         # then the generator, on the same z and noise, against the updated critic (as in the post)
         grads = jax.grad(generator_loss)(gen_params(state.generator), critic_params(critic), z, divergence, jitter[1])
-        return State(gen_update(i, grads, state.generator), critic), -loss
+        generator = gen_update(i, grads, state.generator)
+        average = jax.tree.map(lambda a, g: AVERAGE_DECAY * a + (1 - AVERAGE_DECAY) * g, state.average, generator[0])
+        return State(generator, critic, average), -loss
 
-    def post_step(state, i, batch):
+    def post_step(state, i, batch, schedule):
         """The post's step: two critic updates (data, y = 1; generated, y = 0) at the same i, then the generator's."""
+        _, gen_update, gen_params = adam(schedule.lr_gen)
+        _, critic_update, critic_params = adam(schedule.lr_disc)
         real, z, _ = batch
         ones, zeros = jnp.ones((len(real), 1)), jnp.zeros((len(real), 1))
 
@@ -402,31 +422,30 @@ def make_train_step(divergence, objective, lr_gen, lr_disc, noise, num_steps):
         fake_loss, grads = jax.value_and_grad(loss)(critic_params(critic), generator_apply(generator, z), zeros)
         critic = critic_update(i, grads, critic)
         grads = jax.grad(lambda g: loss(critic_params(critic), generator_apply(g, z), ones))(generator)
-        return State(gen_update(i, grads, state.generator), critic), -(real_loss + fake_loss)
+        generator = gen_update(i, grads, state.generator)
+        return State(generator, critic, generator[0]), -(real_loss + fake_loss)
 
     return saddle_step if objective == "saddle" else post_step
 
 
-BLOCK = 100         # steps whose batches are drawn in one vectorised call; the animation's snapshots are this apart
+BLOCK = 100         # steps per compiled call: their batches are drawn in one vectorised call; a snapshot after each
 
 
-def train(train_step, state, data, key, first_step, num_steps, batch_size):
-    """num_steps steps from first_step (a multiple of BLOCK) in one lax.scan, each on sample_batch(data, i, key):
-    returns the state, F at every step, and the generator's and critic's params after every BLOCK of steps."""
-    def block(state, first):
-        i = first + jnp.arange(BLOCK)
-        batches = jax.vmap(sample_batch, (None, 0, None, None))(data, i, key, batch_size)
-        state, bounds = lax.scan(lambda state, step: train_step(state, step[0], step[1:]), state, (i,) + batches)
-        return state, (bounds, (state.generator[0], state.critic[0]))
-    state, (bounds, params) = lax.scan(block, state, first_step + BLOCK * jnp.arange(num_steps // BLOCK))
-    return state, bounds.ravel(), params
+def train(train_step, state, data, key, first_step, schedule, batch_size):
+    """BLOCK steps from first_step in one lax.scan, each on sample_batch(data, i, key): returns the state and F at
+    every step."""
+    i = first_step + jnp.arange(BLOCK)
+    batches = jax.vmap(sample_batch, (None, 0, None, None))(data, i, key, batch_size)
+    return lax.scan(lambda state, step: train_step(state, step[0], step[1:], schedule), state, (i,) + batches)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5, 6))
-def train_chunk(train_step, states, keys, data, first_step, num_steps, batch_size):
-    """train, for every seed at once: states and keys have the seeds on their leading axis."""
-    return jax.vmap(lambda state, key: train(train_step, state, data, key, first_step, num_steps, batch_size))(
+@functools.partial(jax.jit, static_argnums=(0, 1, 7))
+def train_block(divergence, objective, states, keys, data, first_step, schedule, batch_size):
+    """train, for every seed at once (states and keys have the seeds on their leading axis); also seed 0's params."""
+    step = make_train_step(divergence, objective)
+    states, bounds = jax.vmap(lambda state, key: train(step, state, data, key, first_step, schedule, batch_size))(
         states, keys)
+    return states, bounds, jax.tree.map(lambda a: a[0], (states.average, states.critic[0]))
 
 
 def seed_keys(key, num_seeds):
@@ -438,31 +457,33 @@ class Training(NamedTuple):
     state: State            # the final states, seeds on the leading axis
     bounds: np.ndarray      # F at every step, (seeds, steps): the critic's estimate of the divergence
     snapshots: tuple        # seed 0's (step, generator params, critic params) at step 0 and after every BLOCK
-    seed_steps_per_s: float  # after the first chunk, which compiles
+    seed_steps_per_s: float  # after the first block, which compiles
 
 
-def train_seeds(train_step, keys, data, num_steps, batch_size, log):
-    """Train a generator per key, all at once, printing the critic's estimate a few times along the way.  With
+def train_seeds(divergence, objective, schedule, keys, data, batch_size, log):
+    """Train a generator per key, all at once, printing the critic's estimate five times along the way.  With
     several devices the seeds are sharded over them: one compiled program, each device its share."""
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:math.gcd(len(keys), jax.device_count())]), ("seeds",))
     states, keys = jax.device_put((jax.vmap(init_state)(keys), keys), NamedSharding(mesh, PartitionSpec("seeds")))
     data = jax.device_put(data, NamedSharding(mesh, PartitionSpec()))          # a copy on every device
-    params = jax.tree.map(lambda a: np.asarray(a[:1]), (states.generator[0], states.critic[0]))
-    bounds, snapshots, start = [], [params], None
-    num_chunks = max(c for c in range(1, 6) if num_steps // BLOCK % c == 0)        # chunks of one length: one program
-    for chunk in range(num_chunks):
-        length = num_steps // num_chunks
-        states, chunk_bounds, params = train_chunk(train_step, states, keys, data, chunk * length, length, batch_size)
-        bounds.append(np.asarray(chunk_bounds))
-        snapshots.append(jax.tree.map(lambda a: np.asarray(a[0]), params))
-        start = start or time.perf_counter()
-        recent = np.mean(bounds[-1][:, -length // 10:], axis=1)
-        log(f"  step {(chunk + 1) * length:>6}/{num_steps}  critic's estimate: {np.median(recent):.3f}"
-            + f"  (seeds: {recent.min():.3f} to {recent.max():.3f})" * (len(keys) > 1))
-    speed = (num_chunks - 1) * length * len(keys) / (time.perf_counter() - start) if num_chunks > 1 else math.nan
-    steps = np.arange(0, num_steps + 1, BLOCK)
+    schedule = Schedule(*map(np.float32, schedule))
+    bounds, snapshots = [], [jax.tree.map(lambda a: a[0], (states.average, states.critic[0]))]
+    num_blocks = int(schedule.num_steps) // BLOCK
+    for b in range(num_blocks):
+        states, block_bounds, params = train_block(divergence, objective, states, keys, data, b * BLOCK, schedule,
+                                                   batch_size)
+        bounds.append(block_bounds)
+        snapshots.append(params)
+        if b == 0:
+            start = time.perf_counter() if jax.block_until_ready(block_bounds) is not None else None
+        if (b + 1) % max(1, num_blocks // 5) == 0 or b + 1 == num_blocks:
+            recent = np.mean(np.concatenate(bounds[-max(1, num_blocks // 50):], axis=1), axis=1)
+            log(f"  step {(b + 1) * BLOCK:>6}/{num_blocks * BLOCK}  critic's estimate: {np.median(recent):.3f}"
+                + f"  (seeds: {recent.min():.3f} to {recent.max():.3f})" * (len(keys) > 1))
+    speed = (num_blocks - 1) * BLOCK * len(keys) / (time.perf_counter() - start) if num_blocks > 1 else math.nan
+    steps = np.arange(0, num_blocks * BLOCK + 1, BLOCK)
     return Training(states, np.concatenate(bounds, axis=1),
-                    (steps,) + jax.tree.map(lambda *a: np.concatenate(a), *snapshots), speed)
+                    (steps,) + jax.tree.map(lambda *a: np.stack(a), *snapshots), speed)
 
 
 # ---------------------------------------------------------------------------
@@ -474,6 +495,7 @@ NUM_SAMPLES = 5000      # points per model: evaluated, plotted (the first 1000, 
 COLUMNS = ("0.75 mode", "0.25 mode", "low-density", "KL(P||Q)", "KL(Q||P)", "D_f")
 
 
+@jax.jit
 def kde_log_density(x, samples):
     """log q(x) for the Gaussian kernel density estimate on samples (n, 2) with Scott's bandwidth n^(-1/6), as
     jax.scipy.stats.gaussian_kde(samples.T).logpdf(x.T), but through logsumexp: stable far from every sample."""
@@ -519,7 +541,7 @@ def evaluation(data, trainings, key):
     labels, points, d_f, samples = ["MLE Gaussian"], [gaussian_points(data.mle_mean, data.mle_cov, key)], [np.nan], {}
     for d, t in trainings.items():
         mean, cov = best_gaussian(d, data)
-        samples[d] = np.asarray(generate_each(t.state.generator[0], z))
+        samples[d] = np.asarray(generate_each(t.state.average, z))
         seeds = range(len(t.bounds))
         labels += [f"{d}: best Gaussian"] + [f"{d}: GAN" + f", seed {s}" * (len(seeds) > 1) for s in seeds]
         points += [gaussian_points(mean, cov, key), *samples[d]]
@@ -541,20 +563,25 @@ def format_table(labels, rows):
 
 
 def plot_dataset(ax, points, cmap="Reds", size=1.0):
-    import seaborn as sns
+    """The post's sns.kdeplot(x, y, cmap=cmap) of the first 1000 points, in plain matplotlib: the kernel density
+    estimate's contours at the heights above which lie 95%, 85%, ..., 5% and 0% of its mass (seaborn's levels)."""
     ax.set_aspect("equal")
     ax.set_xlim((0, size))
     ax.set_ylim((0, size))
     ax.tick_params(labelsize=10)
-    # gridsize 100 (seaborn's default is 200): the same contours, a quarter of the kernel evaluations
-    sns.kdeplot(x=np.asarray(points[:1000, 0]), y=np.asarray(points[:1000, 1]), cmap=cmap, ax=ax, gridsize=100)
+    axis = np.linspace(0, size, 100)
+    grid = np.stack(np.meshgrid(axis, axis), axis=-1).reshape(-1, 2)
+    density = np.exp(np.asarray(kde_log_density(grid, jnp.asarray(points[:1000]))))
+    heights = np.sort(density)[::-1]
+    levels = heights[np.searchsorted(np.cumsum(heights) / heights.sum(), 1 - np.linspace(0.05, 1, 10))]
+    ax.contour(axis, axis, density.reshape(100, 100), levels=np.unique(levels), cmap=cmap)
 
 
 def figure(data, panels, bounds=None):
     """One kdeplot panel per (title, points), P under each; with bounds ({name: (seeds, steps)}), a last panel
     with the critic's estimate of each divergence over training."""
     import matplotlib.patches as mpatches
-    import seaborn as sns
+    from matplotlib import colormaps
     from matplotlib.figure import Figure
     wide = bounds is not None
     fig = Figure(figsize=(5 * len(panels) + 6 * wide, 5.2), layout="constrained")
@@ -563,9 +590,9 @@ def figure(data, panels, bounds=None):
         plot_dataset(ax, data)
         plot_dataset(ax, points, cmap="Blues")
         ax.set_title(title, fontsize=11)
-    axes[0].legend(handles=[mpatches.Patch(color=sns.color_palette(c)[2], label=label)
+    axes[0].legend(handles=[mpatches.Patch(color=colormaps[c](0.43), label=label)
                             for c, label in (("Reds", "Ground truth"), ("Blues", "Generated data"))], loc="upper left")
-    for (name, history), colour in zip((bounds or {}).items(), sns.color_palette("tab10")):
+    for (name, history), colour in zip((bounds or {}).items(), colormaps["tab10"].colors):
         window = math.gcd(history.shape[1], max(1, history.shape[1] // 200))     # about 200 points a curve
         smooth = np.mean(history.reshape(len(history), -1, window), axis=-1)
         for s, curve in enumerate(smooth):          # seed 0 bold, the others faint
@@ -681,8 +708,11 @@ def write_outputs(out, data, trainings, result, plot, animate, compare, save_sam
         if animate:
             write_animation(path(written[-1]), data, trainings)
         if save_samples:
-            arrays = {f"samples_{d}": s for d, s in samples.items()}
-            arrays = arrays if compare else {"samples": arrays.popitem()[1]}
+            arrays = {}
+            for d, t in trainings.items():      # each seed's G(z) = sigmoid(z W + b) too
+                W, b = t.state.average[0]
+                for name, a in (("samples", samples[d]), ("W", W), ("b", b)):
+                    arrays[f"{name}_{d}" if compare else name] = np.asarray(a)
             np.savez(path(save_samples), **arrays, data_min=float(data.lo), data_max=float(data.hi), **settings)
     return written + [save_samples] * bool(save_samples)
 
@@ -696,8 +726,8 @@ def main(argv=None, log=print):
     trainings = {}
     for d in args.divergences:
         log(f"training {args.seeds} generator(s) with {DIVERGENCES[d].name}, {args.objective} objective:")
-        step = make_train_step(d, args.objective, args.lr_gen, args.lr_disc, args.noise, args.steps)
-        trainings[d] = train_seeds(step, seed_keys(train_key, args.seeds), data.points, args.steps,
+        schedule = Schedule(args.lr_gen, args.lr_disc, args.noise, args.steps)
+        trainings[d] = train_seeds(d, args.objective, schedule, seed_keys(train_key, args.seeds), data.points,
                                    args.batch_size, log)
     result = evaluation(data, trainings, eval_key)
     if failed := report(result, trainings, log):
