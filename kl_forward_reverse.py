@@ -364,33 +364,26 @@ def init_state(key):
 
 
 def sample_batch(data, i, key, batch_size):
-    """Step i's batch, from fold_in(key, i) alone: data points drawn with replacement (as the post's
-    np.random.choice), the generator's uniform z, and standard normal draws for the instance noise, (2, n, 2)."""
+    """Step i's batch from fold_in(key, i) alone: data points drawn with replacement (the post's np.random.choice),
+    the generator's uniform z, and standard normal draws for the instance noise, (2, n, 2)."""
     data_key, z_key, noise_key = random.split(random.fold_in(key, i), 3)
     real = data[random.randint(data_key, (batch_size,), 0, len(data))]
     return real, random.uniform(z_key, (batch_size, LATENT_DIM)), random.normal(noise_key, (2, batch_size, 2))
 
 
-class Schedule(NamedTuple):
-    """The settings that are values, not shapes: traced, so that runs differing only in them share one program."""
-    lr_gen: float           # the generator's Adam step size at step 0
-    lr_disc: float          # the critic's
-    noise: float            # the instance noise's std at step 0
-    num_steps: int          # the step by which all three have fallen to 0 (the saddle game)
-
-
-AVERAGE_DECAY = 0.999       # the evaluated generator averages G's params over about the last 1 / (1 - 0.999) steps
+# Step sizes and the noise's std at step 0, and the step by which all three have fallen to 0 (the saddle game): traced
+# values, not shapes, so that runs differing only in them share one compiled program.
+Schedule = NamedTuple("Schedule", [("lr_gen", float), ("lr_disc", float), ("noise", float), ("num_steps", float)])
 
 
 def make_train_step(divergence, objective):
     """train_step(state, i, batch, schedule) -> (state, F at this batch): one critic step, then one generator step.
 
-    The saddle game converges on every seed with three plain means.  The critic's step size is about 8 times the
-    generator's, so that it stays near its optimum T* and the generator follows the divergence (two time-scales,
-    Heusel et al. 2017); both fall linearly to 0 by the last step.  Instance noise (Sonderby et al. 2017) moves the
-    points the critic sees by N(0, s_i^2 I), s_i = noise (1 - i / num_steps), narrower than P's components.  And
-    the generator that is evaluated is an average of G's params over the last steps: it leaves the game as it is
-    and damps its cycles (Yazici et al. 2019).  The post's step keeps its step sizes flat, and averages nothing."""
+    The saddle game converges on every seed by three plain means.  The critic's step size is about 8 times the
+    generator's, so that it stays near its optimum T* and G follows the divergence (Heusel et al. 2017); both fall
+    linearly to 0.  Instance noise (Sonderby et al. 2017) moves the points the critic sees by N(0, s_i^2 I), s_i =
+    noise (1 - i / num_steps), narrower than P's components.  The evaluated generator averages G's params: that
+    damps the game's cycles, leaving the game as it is (Yazici et al. 2019).  The post's: flat step sizes."""
     def saddle_step(state, i, batch, schedule):
         anneal = jnp.maximum(0.0, 1.0 - i / schedule.num_steps)
         _, gen_update, gen_params = adam(schedule.lr_gen * anneal)
@@ -404,7 +397,7 @@ def make_train_step(divergence, objective):
         # then the generator, on the same z and noise, against the updated critic (as in the post)
         grads = jax.grad(generator_loss)(gen_params(state.generator), critic_params(critic), z, divergence, jitter[1])
         generator = gen_update(i, grads, state.generator)
-        average = jax.tree.map(lambda a, g: AVERAGE_DECAY * a + (1 - AVERAGE_DECAY) * g, state.average, generator[0])
+        average = jax.tree.map(lambda a, g: 0.999 * a + 0.001 * g, state.average, generator[0])     # ~1000 steps
         return State(generator, critic, average), -loss
 
     def post_step(state, i, batch, schedule):
@@ -432,8 +425,7 @@ BLOCK = 100         # steps per compiled call: their batches are drawn in one ve
 
 
 def train(train_step, state, data, key, first_step, schedule, batch_size):
-    """BLOCK steps from first_step in one lax.scan, each on sample_batch(data, i, key): returns the state and F at
-    every step."""
+    """BLOCK steps from first_step in one lax.scan, each on sample_batch(data, i, key): the state and each step's F."""
     i = first_step + jnp.arange(BLOCK)
     batches = jax.vmap(sample_batch, (None, 0, None, None))(data, i, key, batch_size)
     return lax.scan(lambda state, step: train_step(state, step[0], step[1:], schedule), state, (i,) + batches)
@@ -448,16 +440,10 @@ def train_block(divergence, objective, states, keys, data, first_step, schedule,
     return states, bounds, jax.tree.map(lambda a: a[0], (states.average, states.critic[0]))
 
 
-def seed_keys(key, num_seeds):
-    """One key per seed: fold_in keeps seed i's key the same whatever num_seeds is."""
-    return jax.vmap(lambda i: random.fold_in(key, i))(jnp.arange(num_seeds))
-
-
 class Training(NamedTuple):
     state: State            # the final states, seeds on the leading axis
     bounds: np.ndarray      # F at every step, (seeds, steps): the critic's estimate of the divergence
     snapshots: tuple        # seed 0's (step, generator params, critic params) at step 0 and after every BLOCK
-    seed_steps_per_s: float  # after the first block, which compiles
 
 
 def train_seeds(divergence, objective, schedule, keys, data, batch_size, log):
@@ -474,16 +460,13 @@ def train_seeds(divergence, objective, schedule, keys, data, batch_size, log):
                                                    batch_size)
         bounds.append(block_bounds)
         snapshots.append(params)
-        if b == 0:
-            start = time.perf_counter() if jax.block_until_ready(block_bounds) is not None else None
         if (b + 1) % max(1, num_blocks // 5) == 0 or b + 1 == num_blocks:
             recent = np.mean(np.concatenate(bounds[-max(1, num_blocks // 50):], axis=1), axis=1)
             log(f"  step {(b + 1) * BLOCK:>6}/{num_blocks * BLOCK}  critic's estimate: {np.median(recent):.3f}"
                 + f"  (seeds: {recent.min():.3f} to {recent.max():.3f})" * (len(keys) > 1))
-    speed = (num_blocks - 1) * BLOCK * len(keys) / (time.perf_counter() - start) if num_blocks > 1 else math.nan
     steps = np.arange(0, num_blocks * BLOCK + 1, BLOCK)
     return Training(states, np.concatenate(bounds, axis=1),
-                    (steps,) + jax.tree.map(lambda *a: np.stack(a), *snapshots), speed)
+                    (steps,) + jax.tree.map(lambda *a: np.stack(a), *snapshots))
 
 
 # ---------------------------------------------------------------------------
@@ -524,10 +507,6 @@ def evaluate(q_samples, data, key):
 generate_each = jax.jit(jax.vmap(generator_apply, (0, None)))     # params stacked on axis 0, the same z for each
 
 
-def gaussian_points(mean, cov, key):
-    return random.multivariate_normal(key, mean, cov, (NUM_SAMPLES,))
-
-
 class Result(NamedTuple):
     labels: list            # a row each: the MLE Gaussian, then for each divergence its best Gaussian and its GANs
     rows: np.ndarray        # (rows, COLUMNS)
@@ -538,13 +517,14 @@ class Result(NamedTuple):
 def evaluation(data, trainings, key):
     """Every model's row.  D_f: the best Gaussian's exact value; a GAN's critic's estimate, its last tenth of steps."""
     z = random.uniform(key, (NUM_SAMPLES, LATENT_DIM))
-    labels, points, d_f, samples = ["MLE Gaussian"], [gaussian_points(data.mle_mean, data.mle_cov, key)], [np.nan], {}
+    gaussian_points = functools.partial(random.multivariate_normal, key, shape=(NUM_SAMPLES,))
+    labels, points, d_f, samples = ["MLE Gaussian"], [gaussian_points(data.mle_mean, data.mle_cov)], [np.nan], {}
     for d, t in trainings.items():
         mean, cov = best_gaussian(d, data)
         samples[d] = np.asarray(generate_each(t.state.average, z))
         seeds = range(len(t.bounds))
         labels += [f"{d}: best Gaussian"] + [f"{d}: GAN" + f", seed {s}" * (len(seeds) > 1) for s in seeds]
-        points += [gaussian_points(mean, cov, key), *samples[d]]
+        points += [gaussian_points(mean, cov), *samples[d]]
         d_f += [gaussian_divergence(d, mean, cov, data), *np.mean(t.bounds[:, -t.bounds.shape[1] // 10:], axis=1)]
     rows = np.column_stack([np.stack([evaluate(p, data, key) for p in points]), d_f])
     return Result(labels, rows, samples, np.asarray(points[0]))
@@ -565,9 +545,7 @@ def format_table(labels, rows):
 def plot_dataset(ax, points, cmap="Reds", size=1.0):
     """The post's sns.kdeplot(x, y, cmap=cmap) of the first 1000 points, in plain matplotlib: the kernel density
     estimate's contours at the heights above which lie 95%, 85%, ..., 5% and 0% of its mass (seaborn's levels)."""
-    ax.set_aspect("equal")
-    ax.set_xlim((0, size))
-    ax.set_ylim((0, size))
+    ax.set(aspect="equal", xlim=(0, size), ylim=(0, size))
     ax.tick_params(labelsize=10)
     axis = np.linspace(0, size, 100)
     grid = np.stack(np.meshgrid(axis, axis), axis=-1).reshape(-1, 2)
@@ -708,11 +686,8 @@ def write_outputs(out, data, trainings, result, plot, animate, compare, save_sam
         if animate:
             write_animation(path(written[-1]), data, trainings)
         if save_samples:
-            arrays = {}
-            for d, t in trainings.items():      # each seed's G(z) = sigmoid(z W + b) too
-                W, b = t.state.average[0]
-                for name, a in (("samples", samples[d]), ("W", W), ("b", b)):
-                    arrays[f"{name}_{d}" if compare else name] = np.asarray(a)
+            arrays = {f"{name}_{d}" if compare else name: np.asarray(a) for d, t in trainings.items()
+                      for name, a in zip(("samples", "W", "b"), (samples[d], *t.state.average[0]))}  # G = sig(zW+b)
             np.savez(path(save_samples), **arrays, data_min=float(data.lo), data_max=float(data.hi), **settings)
     return written + [save_samples] * bool(save_samples)
 
@@ -724,11 +699,11 @@ def main(argv=None, log=print):
     data = make_data(data_key)
     log(f"data: {len(data.points)} points, scaled by min {float(data.lo):.3f} and max {float(data.hi):.3f}")
     trainings = {}
+    schedule = Schedule(args.lr_gen, args.lr_disc, args.noise, args.steps)
+    seed_keys = jax.vmap(lambda i: random.fold_in(train_key, i))(jnp.arange(args.seeds))    # seed i's, whatever --seeds
     for d in args.divergences:
         log(f"training {args.seeds} generator(s) with {DIVERGENCES[d].name}, {args.objective} objective:")
-        schedule = Schedule(args.lr_gen, args.lr_disc, args.noise, args.steps)
-        trainings[d] = train_seeds(d, args.objective, schedule, seed_keys(train_key, args.seeds), data.points,
-                                   args.batch_size, log)
+        trainings[d] = train_seeds(d, args.objective, schedule, seed_keys, data.points, args.batch_size, log)
     result = evaluation(data, trainings, eval_key)
     if failed := report(result, trainings, log):
         log(f"error: training diverged ({', '.join(failed)}): try smaller --lr-gen and --lr-disc. Nothing was "
@@ -737,9 +712,7 @@ def main(argv=None, log=print):
     settings = {k: getattr(args, k) for k in ("objective", "steps", "batch_size", "lr_gen", "lr_disc", "noise", "seed")}
     written = write_outputs(args.out, data, trainings, result, not args.no_plot, args.animate,
                             args.compare is not None, args.save_samples, settings)
-    speed = np.mean([t.seed_steps_per_s for t in trainings.values()])
-    log(f"\nwritten: {', '.join(written) or 'nothing'}\ntime: {time.perf_counter() - started:.1f} s"
-        + f"; training {speed:,.0f} seed-steps/s" * bool(np.isfinite(speed)))
+    log(f"\nwritten: {', '.join(written) or 'nothing'}\ntime: {time.perf_counter() - started:.1f} s")
     return 0
 
 
