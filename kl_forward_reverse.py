@@ -719,7 +719,7 @@ def main(argv=None, log=print):
 if __name__ == "__main__":
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))    # unwinds like Ctrl-C
     # read when JAX starts: one CPU device per core, so that seeds on the CPU are sharded over every core; XLA's LLVM
-    # at -O2, which on this repo's CPU compiles the training program in two thirds of the time, to the same numbers
+    # at -O2, which on this repo's CPU compiles the training program in a third of the time, to the same numbers
     os.environ["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={os.cpu_count()} "
                                "--xla_backend_optimization_level=2 " + os.environ.get("XLA_FLAGS", ""))
     # JAX's persistent compilation cache: a second run compiles nothing (JAX_ENABLE_COMPILATION_CACHE=false: off)

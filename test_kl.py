@@ -5,7 +5,7 @@ import math
 import os
 
 # read when JAX starts: two CPU devices, so that the default run's two seeds train at once; XLA's LLVM at -O2,
-# which compiles the training program in two thirds of the time and gives the same numbers
+# which compiles the training program in a third of the time and gives the same numbers
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + (" --xla_force_host_platform_device_count=2"
                                                              " --xla_backend_optimization_level=2")
 import jax  # noqa: E402
