@@ -379,7 +379,7 @@ Schedule = NamedTuple("Schedule", [("lr_gen", float), ("lr_disc", float), ("nois
 def make_train_step(divergence, objective):
     """train_step(state, i, batch, schedule) -> (state, F at this batch): one critic step, then one generator step.
 
-    The saddle game converges on every seed by three plain means.  The critic's step size is about 8 times the
+    Three plain means help the saddle game converge.  The critic's step size is about 8 times the
     generator's, so that it stays near its optimum T* and G follows the divergence (Heusel et al. 2017); both fall
     linearly to 0.  Instance noise (Sonderby et al. 2017) moves the points the critic sees by N(0, s_i^2 I), s_i =
     noise (1 - i / num_steps), narrower than P's components.  The evaluated generator averages G's params: that
