@@ -7,12 +7,10 @@ trained as an f-GAN (Nowozin et al. 2016, arXiv:1606.00709): a critic V gives T 
 
 the critic up, the generator down.  With f(u) = u log u, D_f is forward KL, KL(P||Q), and Q spreads over both
 modes (mode-covering); with f(u) = -log u it is reverse KL, KL(Q||P), and Q sits on one mode (mode-seeking).
-
 Sections follow the blog post it reimplements: 0 settings, 1 data, 2 the MLE Gaussian, 3 layers, 4 Adam,
 5 divergences, 6 training, 7 evaluation, 8 figures, 9 the run.
 
-    python kl_forward_reverse.py --reverse      # reverse KL: one mode
-    python kl_forward_reverse.py --compare      # forward and reverse, side by side
+    python kl_forward_reverse.py --reverse      # reverse KL: one mode;  --compare: forward and reverse, side by side
 """
 import argparse
 import contextlib
@@ -34,26 +32,22 @@ from jax.scipy.special import logsumexp
 from jax.scipy.stats import multivariate_normal
 
 # ---------------------------------------------------------------------------
-# 0. Settings: every flag, its default and what it accepts.
+# 0. Settings: every flag, its defaults (the f-GAN game's, and the post's own) and what it accepts.
 # ---------------------------------------------------------------------------
 
 
 def checked(cast, accepts, what):
     """An argparse type: cast(text) if accepts(value), else an error that names what the flag accepts."""
     def parse(text):
-        try:
-            value = cast(text)
-        except ValueError:
-            value = None
-        if value is None or not accepts(value):
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-        return value
+        with contextlib.suppress(ValueError):
+            if accepts(value := cast(text)):
+                return value
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
     return parse
 
 
-# The defaults of each objective: the f-GAN game's, and the post's own settings.
-DEFAULTS = {"saddle": dict(steps=10000, batch_size=128, lr_gen=6e-4, lr_disc=5e-3, noise=0.03),
-            "post": dict(steps=7000, batch_size=64, lr_gen=1e-4, lr_disc=5e-4, noise=0.0)}
+DEFAULTS = {"saddle": dict(steps=15000, batch_size=128, lr_gen=6e-4, lr_disc=2.5e-3, noise=0.03, start_width=0.3),
+            "post": dict(steps=7000, batch_size=64, lr_gen=1e-4, lr_disc=5e-4, noise=0.0, start_width=0.0)}
 
 
 def parse_args(argv=None):
@@ -78,6 +72,8 @@ def parse_args(argv=None):
     p.add_argument("--lr-disc", type=rate, help=f"the critic's Adam step size, falling to 0 ({both['lr_disc']}, flat)")
     p.add_argument("--noise", type=checked(float, lambda v: 0 <= v < math.inf, "a finite number >= 0"),
                    help=f"instance noise: its std at step 0, falling to 0 by the last step ({both['noise']})")
+    p.add_argument("--start-width", type=checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+                   help=f"G starts as the MLE Gaussian narrowed to this width; 0: stax's start ({both['start_width']})")
     p.add_argument("--seed", type=checked(int, lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"), default=0,
                    help="random seed (0): the same seed and flags give the same numbers")
     p.add_argument("--seeds", type=count, default=1, help="independent runs, trained at once (1)")
@@ -104,16 +100,14 @@ def parse_args(argv=None):
 
 def unwritable(path, is_dir):
     """Why path (a folder, created if missing, or a file in one) cannot be written; None if it can."""
-    folder = path if is_dir else (os.path.dirname(path) or ".")
     if not is_dir and os.path.isdir(path):
         return f"{path} is a folder; expected a file name such as samples.npz"
+    folder = path if is_dir else (os.path.dirname(path) or ".")
     try:
         os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):        # the one test that is right for root too
-            pass
+        tempfile.TemporaryFile(dir=folder).close()        # the one test that is right for root too
     except OSError as e:
         return f"cannot write to {folder}: {e.strerror or e}"
-    return None
 
 
 # ---------------------------------------------------------------------------
@@ -124,7 +118,6 @@ def unwritable(path, is_dir):
 MIXTURE = ((0.75, (0.5, 2.0), ((4.0, 0.0), (0.0, 1.5))),
            (0.25, (9.0, 9.0), ((1.0, 0.0), (0.0, 3.0))))
 BLOCK_SIZE, NUM_BLOCKS = 64, 10000      # the post drew 48 points of the 0.75 mode, then 16 of the 0.25, 10000 times
-SMALL_MODE = 1                          # index of the 0.25 component
 
 
 def sample_mixture(key, num_blocks=NUM_BLOCKS):
@@ -223,8 +216,7 @@ def serial(*layers):
 
 LATENT_DIM = 10
 generator_init, generator_apply = serial(Dense(2), Sigmoid)                                # G(z), z ~ U[0,1]^10
-critic_init, critic_apply = serial(Dense(32), LeakyRelu, Dense(32), LeakyRelu, Dense(1))   # V(x), unbounded: T = g_f(V)
-# belongs to the divergence (section 5).  The post ended its critic in a Sigmoid.
+critic_init, critic_apply = serial(Dense(32), LeakyRelu, Dense(32), LeakyRelu, Dense(1))   # V(x); T = g_f(V), section 5
 
 
 # ---------------------------------------------------------------------------
@@ -259,17 +251,9 @@ def adam(step_size, b1=0.9, b2=0.999, eps=1e-8):
 # ---------------------------------------------------------------------------
 
 
-class Divergence(NamedTuple):
-    name: str
-    f: callable
-    activation: callable                # g_f(v)
-    conjugate: callable                 # f*(t)
-    conjugate_of_activation: callable   # f*(g_f(v)), stable
-    log_ratio: callable                 # log(p/q) where g_f(v) = f'(p/q)
-
-
-LOG2 = math.log(2.0)
-DIVERGENCES = {   # name: f(u), g_f(v), f*(t), f*(g_f(v)) stable, log(p/q) at the optimum
+Divergence = NamedTuple("Divergence", [("name", str), ("f", callable), ("activation", callable), (
+    "conjugate", callable), ("conjugate_of_activation", callable), ("log_ratio", callable)])
+DIVERGENCES = {   # name: f(u), g_f(v), f*(t), f*(g_f(v)) stable, log(p/q) where g_f(v) = f'(p/q)
     "forward": Divergence("forward KL, KL(P||Q)", lambda u: u * jnp.log(u),
                           lambda v: v, lambda t: jnp.exp(t - 1), lambda v: jnp.exp(v - 1), lambda v: v - 1),
     "reverse": Divergence("reverse KL, KL(Q||P)", lambda u: -jnp.log(u),
@@ -280,17 +264,27 @@ DIVERGENCES = {   # name: f(u), g_f(v), f*(t), f*(g_f(v)) stable, log(p/q) at th
     "hellinger": Divergence("squared Hellinger", lambda u: (jnp.sqrt(u) - 1) ** 2,
                             lambda v: -jnp.expm1(-v), lambda t: t / (1 - t), jnp.expm1, lambda v: 2 * v),
     "js": Divergence("Jensen-Shannon (x2)", lambda u: u * jnp.log(u) - (u + 1) * jnp.log((u + 1) / 2),
-                     lambda v: LOG2 - jax.nn.softplus(-v), lambda t: -jnp.log(2 - jnp.exp(t)),
-                     lambda v: jax.nn.softplus(v) - LOG2, lambda v: v),
+                     lambda v: math.log(2) - jax.nn.softplus(-v), lambda t: -jnp.log(2 - jnp.exp(t)),
+                     lambda v: jax.nn.softplus(v) - math.log(2), lambda v: v),
     "gan": Divergence("GAN, 2 JS - log 4", lambda u: u * jnp.log(u) - (u + 1) * jnp.log(u + 1),
                       lambda v: -jax.nn.softplus(-v), lambda t: -jnp.log1p(-jnp.exp(t)), jax.nn.softplus, lambda v: v),
 }
 
 
+def index_of(divergence):
+    """A divergence's row in DIVERGENCES, from its name; an index stays as it is (under vmap, each run's, traced)."""
+    return list(DIVERGENCES).index(divergence) if isinstance(divergence, str) else divergence
+
+
+def apply(field, divergence, x):
+    """DIVERGENCES[divergence].field(x) by lax.switch on its index: one compiled program serves every divergence."""
+    return lax.switch(index_of(divergence), [getattr(d, field) for d in DIVERGENCES.values()], x)
+
+
 def f_gan_objective(v_real, v_fake, divergence):
     """F = E_P[g_f(V)] - E_Q[f*(g_f(V))] from the critic's outputs: F <= D_f(P||Q), with equality at T* = f'(p/q)."""
-    d = DIVERGENCES[divergence]
-    return jnp.mean(d.activation(v_real)) - jnp.mean(d.conjugate_of_activation(v_fake))
+    return jnp.mean(apply("activation", divergence, v_real)) - jnp.mean(apply("conjugate_of_activation", divergence,
+                                                                               v_fake))
 
 
 def discriminator_loss(critic_params, real, fake, divergence):
@@ -302,34 +296,33 @@ def discriminator_loss(critic_params, real, fake, divergence):
 def generator_loss(generator_params, critic_params, z, divergence, jitter=0.0):
     """The generator descends F through its only term: -E_Q[f*(g_f(V(G(z) + jitter)))] (jitter: instance noise)."""
     fake = generator_apply(generator_params, z) + jitter
-    return -jnp.mean(DIVERGENCES[divergence].conjugate_of_activation(critic_apply(critic_params, fake)))
+    return -jnp.mean(apply("conjugate_of_activation", divergence, critic_apply(critic_params, fake)))
 
 
 def post_loss(output, y, divergence, eps=1e-10):
     """The post's loss_function, verbatim: output = Sigmoid(V), y = 1 for data and 0 for generated points.  Its
     generator step uses y = 1 too: the generator maximises E_Q[T], which is not the divergence (README.md)."""
-    if divergence == "reverse":
-        return -jnp.mean(-y * jnp.exp(output) + (1 - y) * (output + eps + 1.), axis=0)[0]
-    return -jnp.mean(y * output - (1. - y) * (jnp.exp(output - 1.)), axis=0)[0]
+    reverse = -jnp.mean(-y * jnp.exp(output) + (1 - y) * (output + eps + 1.), axis=0)[0]
+    forward = -jnp.mean(y * output - (1. - y) * (jnp.exp(output - 1.)), axis=0)[0]
+    return jnp.where(index_of(divergence) == index_of("reverse"), reverse, forward)
 
 
 QUADRATURE = np.stack(np.meshgrid(*[np.linspace(-0.25, 1.25, 61)] * 2), axis=-1).reshape(-1, 2)     # 0.025 apart
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@jax.jit
 def gaussian_divergence(divergence, mean, cov, data):
     """D_f(P||N) = integral of n f(p/n), by quadrature over [-0.25, 1.25]^2, where P has all its mass; where p > n
     as p f(u)/u, u = p/n, so that no term overflows (u clipped to e^(+-40) nats)."""
     log_p = mixture_log_density(QUADRATURE, data.lo, data.hi)
-    # log n in closed form: best_gaussian runs several times faster than through multivariate_normal.logpdf
-    d = QUADRATURE - mean
+    d = QUADRATURE - mean       # log n in closed form: best_gaussian runs faster than through multivariate_normal
     log_n = -0.5 * (jnp.einsum("ni,ij,nj->n", d, jnp.linalg.inv(cov), d) + jnp.log(jnp.linalg.det(2 * math.pi * cov)))
     log_u = jnp.clip(log_p - log_n, -40.0, 40.0)
-    f = DIVERGENCES[divergence].f(jnp.exp(log_u))
+    f = apply("f", divergence, jnp.exp(log_u))
     return jnp.sum(jnp.where(log_u > 0, jnp.exp(log_p - log_u) * f, jnp.exp(log_n) * f)) * 0.025 ** 2
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jax.jit, static_argnums=2)
 def best_gaussian(divergence, data, steps=2000):
     """The single Gaussian nearest to P in D_f(P||N), by Adam from the MLE Gaussian: (mean, covariance)."""
     init, update, get_params = adam(2e-3)
@@ -344,7 +337,7 @@ def best_gaussian(divergence, data, steps=2000):
 
 # ---------------------------------------------------------------------------
 # 6. Training: one step is a pure function of (state, step index, batch); the loop is a lax.scan, and the
-#    seeds are a vmap, sharded over the devices there are.
+#    runs (every divergence and seed) are one vmap, sharded over the devices there are.
 # ---------------------------------------------------------------------------
 
 
@@ -354,36 +347,41 @@ class State(NamedTuple):
     average: list           # G's params averaged over the last steps: the generator that is evaluated
 
 
-def init_state(key):
-    """The post's networks, in fresh Adam states."""
-    gen_key, critic_key = random.split(key)
-    adam_init = adam(None)[0]
-    _, gen_params = generator_init(gen_key, (-1, LATENT_DIM))
-    _, critic_params = critic_init(critic_key, (-1, 2))
+def init_state(key, mean, cov, start_width):
+    """The post's networks, in fresh Adam states.  G starts as the Gaussian (mean, cov) narrowed to start_width of
+    its width, the same start for every divergence (0: stax's start, the post's).  In logit space: zW + b, z ~
+    U[0,1]^10, has mean b + W^T 1/2 and covariance W^T W / 12, so W = sqrt(12) R C^T with R a random 10 x 2
+    orthonormal frame and C C^T = J cov J start_width^2, J = diag(1 / (mean (1 - mean))) the logit's Jacobian."""
+    (gen_key, critic_key), adam_init = random.split(key), adam(None)[0]
+    gen_params, critic_params = generator_init(gen_key, (-1, LATENT_DIM))[1], critic_init(critic_key, (-1, 2))[1]
+    if start_width > 0:
+        frame = jnp.linalg.qr(random.normal(gen_key, (LATENT_DIM, 2)))[0]
+        jacobian = 1 / (mean * (1 - mean))
+        W = math.sqrt(12) * start_width * frame @ jnp.linalg.cholesky(jacobian[:, None] * cov * jacobian).T
+        gen_params = [(W, jnp.log(mean / (1 - mean)) - W.sum(0) / 2), ()]
     return State(adam_init(gen_params), adam_init(critic_params), gen_params)
 
 
+
 def sample_batch(data, i, key, batch_size):
-    """Step i's batch from fold_in(key, i) alone: data points drawn with replacement (the post's np.random.choice),
-    the generator's uniform z, and standard normal draws for the instance noise, (2, n, 2)."""
+    """Step i's batch from fold_in(key, i) alone: data points with replacement (the post's np.random.choice), z, and
+    standard normal draws for the instance noise, (2, n, 2)."""
     data_key, z_key, noise_key = random.split(random.fold_in(key, i), 3)
     real = data[random.randint(data_key, (batch_size,), 0, len(data))]
     return real, random.uniform(z_key, (batch_size, LATENT_DIM)), random.normal(noise_key, (2, batch_size, 2))
 
 
-# Step sizes and the noise's std at step 0, and the step by which all three have fallen to 0 (the saddle game): traced
-# values, not shapes, so that runs differing only in them share one compiled program.
+# Step sizes, noise at step 0, and the step where all three reach 0: traced, so runs differing in them share a program
 Schedule = NamedTuple("Schedule", [("lr_gen", float), ("lr_disc", float), ("noise", float), ("num_steps", float)])
 
 
 def make_train_step(divergence, objective):
     """train_step(state, i, batch, schedule) -> (state, F at this batch): one critic step, then one generator step.
-
-    Three plain means help the saddle game converge.  The critic's step size is about 8 times the
-    generator's, so that it stays near its optimum T* and G follows the divergence (Heusel et al. 2017); both fall
-    linearly to 0.  Instance noise (Sonderby et al. 2017) moves the points the critic sees by N(0, s_i^2 I), s_i =
-    noise (1 - i / num_steps), narrower than P's components.  The evaluated generator averages G's params: that
-    damps the game's cycles, leaving the game as it is (Yazici et al. 2019).  The post's: flat step sizes."""
+    With init_state's start, three plain means help the saddle game converge: two time-scales, the critic's step
+    size 4 times the generator's, so that it stays near T* and G follows the divergence (Heusel et al. 2017), both
+    falling linearly to 0; instance noise, N(0, s_i^2 I) on the points the critic sees, s_i = noise (1 - i /
+    num_steps), narrower than P's components (Sonderby et al. 2017); G's params averaged for the evaluation, which
+    damps the game's cycles and leaves the game as it is (Yazici et al. 2019).  The post's: flat step sizes."""
     def saddle_step(state, i, batch, schedule):
         anneal = jnp.maximum(0.0, 1.0 - i / schedule.num_steps)
         _, gen_update, gen_params = adam(schedule.lr_gen * anneal)
@@ -424,20 +422,16 @@ def make_train_step(divergence, objective):
 BLOCK = 100         # steps per compiled call: their batches are drawn in one vectorised call; a snapshot after each
 
 
-def train(train_step, state, data, key, first_step, schedule, batch_size):
-    """BLOCK steps from first_step in one lax.scan, each on sample_batch(data, i, key): the state and each step's F."""
-    i = first_step + jnp.arange(BLOCK)
-    batches = jax.vmap(sample_batch, (None, 0, None, None))(data, i, key, batch_size)
-    return lax.scan(lambda state, step: train_step(state, step[0], step[1:], schedule), state, (i,) + batches)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1, 7))
-def train_block(divergence, objective, states, keys, data, first_step, schedule, batch_size):
-    """train, for every seed at once (states and keys have the seeds on their leading axis); also seed 0's params."""
-    step = make_train_step(divergence, objective)
-    states, bounds = jax.vmap(lambda state, key: train(step, state, data, key, first_step, schedule, batch_size))(
-        states, keys)
-    return states, bounds, jax.tree.map(lambda a: a[0], (states.average, states.critic[0]))
+@functools.partial(jax.jit, static_argnums=(0, 7, 8))
+def train_block(objective, states, divergences, keys, data, first_step, schedule, batch_size, seeds):
+    """BLOCK steps of every run (states, divergence indices, keys: seeds runs per divergence, on the leading axis), each
+    a lax.scan, step i on sample_batch(data, i, key): the states, each step's F, each divergence's seed 0's params."""
+    def train(state, divergence, key):
+        step, i = make_train_step(divergence, objective), first_step + jnp.arange(BLOCK)
+        batches = jax.vmap(sample_batch, (None, 0, None, None))(data, i, key, batch_size)
+        return lax.scan(lambda state, batch: step(state, batch[0], batch[1:], schedule), state, (i,) + batches)
+    states, bounds = jax.vmap(train)(states, divergences, keys)
+    return states, bounds, jax.tree.map(lambda a: a[::seeds], (states.average, states.critic[0]))
 
 
 class Training(NamedTuple):
@@ -446,27 +440,33 @@ class Training(NamedTuple):
     snapshots: tuple        # seed 0's (step, generator params, critic params) at step 0 and after every BLOCK
 
 
-def train_seeds(divergence, objective, schedule, keys, data, batch_size, log):
-    """Train a generator per key, all at once, printing the critic's estimate five times along the way.  With
-    several devices the seeds are sharded over them: one compiled program, each device its share."""
-    mesh = jax.sharding.Mesh(np.array(jax.devices()[:math.gcd(len(keys), jax.device_count())]), ("seeds",))
-    states, keys = jax.device_put((jax.vmap(init_state)(keys), keys), NamedSharding(mesh, PartitionSpec("seeds")))
-    data = jax.device_put(data, NamedSharding(mesh, PartitionSpec()))          # a copy on every device
+def train_runs(divergences, objective, schedule, keys, data, batch_size, start_width, log):
+    """Train a generator per divergence and key, all at once in one program, printing the critic's estimates five
+    times along the way; {divergence: Training}.  With several devices the runs are sharded over them."""
+    seeds = len(keys)
+    indices, keys = np.repeat([index_of(d) for d in divergences], seeds), jnp.concatenate([keys] * len(divergences))
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:math.gcd(len(keys), jax.device_count())]), ("runs",))
+    states = jax.jit(jax.vmap(init_state, (0, None, None, None)), static_argnums=3)(keys, data.mle_mean, data.mle_cov,
+                                                                                  start_width)
+    states, indices, keys = jax.device_put((states, indices, keys), NamedSharding(mesh, PartitionSpec("runs")))
+    points = jax.device_put(data.points, NamedSharding(mesh, PartitionSpec()))      # a copy on every device
     schedule = Schedule(*map(np.float32, schedule))
-    bounds, snapshots = [], [jax.tree.map(lambda a: a[0], (states.average, states.critic[0]))]
+    bounds, snapshots = [], [jax.tree.map(lambda a: a[::seeds], (states.average, states.critic[0]))]
     num_blocks = int(schedule.num_steps) // BLOCK
     for b in range(num_blocks):
-        states, block_bounds, params = train_block(divergence, objective, states, keys, data, b * BLOCK, schedule,
-                                                   batch_size)
+        states, block_bounds, params = train_block(objective, states, indices, keys, points, b * BLOCK, schedule,
+                                                   batch_size, seeds)
         bounds.append(block_bounds)
         snapshots.append(params)
         if (b + 1) % max(1, num_blocks // 5) == 0 or b + 1 == num_blocks:
-            recent = np.mean(np.concatenate(bounds[-max(1, num_blocks // 50):], axis=1), axis=1)
-            log(f"  step {(b + 1) * BLOCK:>6}/{num_blocks * BLOCK}  critic's estimate: {np.median(recent):.3f}"
-                + f"  (seeds: {recent.min():.3f} to {recent.max():.3f})" * (len(keys) > 1))
-    steps = np.arange(0, num_blocks * BLOCK + 1, BLOCK)
-    return Training(states, np.concatenate(bounds, axis=1),
-                    (steps,) + jax.tree.map(lambda *a: np.stack(a), *snapshots))
+            recent = np.mean(np.concatenate(bounds[-max(1, num_blocks // 50):], axis=1), axis=1).reshape(-1, seeds)
+            log(f"  step {(b + 1) * BLOCK:>6}/{num_blocks * BLOCK}  critic's estimate: " + ", ".join(
+                f"{d} {np.median(r):.3f}" + f" ({r.min():.3f} to {r.max():.3f})" * (seeds > 1)
+                for d, r in zip(divergences, recent)))
+    steps, bounds = np.arange(0, num_blocks * BLOCK + 1, BLOCK), np.concatenate(bounds, axis=1)
+    return {d: Training(*jax.tree.map(lambda a: a[n * seeds:(n + 1) * seeds], (states, bounds)),
+                        (steps,) + jax.tree.map(lambda *a: np.stack(a)[:, n], *snapshots))
+            for n, d in enumerate(divergences)}
 
 
 # ---------------------------------------------------------------------------
@@ -475,10 +475,9 @@ def train_seeds(divergence, objective, schedule, keys, data, batch_size, log):
 # ---------------------------------------------------------------------------
 
 NUM_SAMPLES = 5000      # points per model: evaluated, plotted (the first 1000, as in the post) and saved
-COLUMNS = ("0.75 mode", "0.25 mode", "low-density", "KL(P||Q)", "KL(Q||P)", "D_f")
+COLUMNS = ("0.75 mode", "0.25 mode", "low-density", "KL(P||Q)", "KL(Q||P)", "true D_f", "critic's F")
 
 
-@jax.jit
 def kde_log_density(x, samples):
     """log q(x) for the Gaussian kernel density estimate on samples (n, 2) with Scott's bandwidth n^(-1/6), as
     jax.scipy.stats.gaussian_kde(samples.T).logpdf(x.T), but through logsumexp: stable far from every sample."""
@@ -492,16 +491,31 @@ def kde_log_density(x, samples):
 
 @jax.jit
 def evaluate(q_samples, data, key):
-    """The first five COLUMNS for one model's samples (n, 2): KL(P||Q) = E_P[log p - log q] at 2000 data points,
-    KL(Q||P) = E_Q[log q - log p] at the first 2000 samples, with log q a kernel estimate on the others."""
+    """For one model's samples (n, 2): the first five COLUMNS and every divergence's D_f(P||Q).  u = p/q, q a kernel
+    estimate on all but the first 2000 samples: KL(P||Q) = E_P[log u] at 2000 data points, KL(Q||P) = E_Q[-log u] at
+    those 2000, D_f = E_Q[f(u); u <= 1] + E_P[f(u)/u; u > 1].  inf where an estimate's standard error is over 5%, or
+    where capping u at the number of points q rests on moves it by over 5% (q is a kernel's tail there)."""
     real = data.points[random.randint(key, (2000,), 0, len(data.points))]
     comps = component_log_densities(q_samples, data.lo, data.hi)
-    small_mode = jnp.mean(jnp.argmax(comps, axis=-1) == SMALL_MODE)
+    small_mode = jnp.mean(jnp.argmax(comps, axis=-1) == 1)           # component 1: the 0.25 mode
     low_density = jnp.mean(logsumexp(comps, axis=-1) < data.low_density)
     fresh, fit = q_samples[:2000], q_samples[2000:]
-    kl_pq = jnp.mean(mixture_log_density(real, data.lo, data.hi) - kde_log_density(real, fit))
-    kl_qp = jnp.mean(kde_log_density(fresh, fit) - logsumexp(comps[:2000], axis=-1))
-    return jnp.stack([1 - small_mode, small_mode, low_density, kl_pq, kl_qp])
+    log_u_p = mixture_log_density(real, data.lo, data.hi) - kde_log_density(real, fit)
+    log_u_q = jnp.clip(logsumexp(comps[:2000], axis=-1) - kde_log_density(fresh, fit), -40, 40)
+
+    def estimates(log_u_p):      # KL(P||Q), each D_f and its standard error: each term where its points are dense
+        u_p, u_q = jnp.exp(jnp.clip(log_u_p, -40, 40)), jnp.exp(log_u_q)
+        terms = [(jnp.where(log_u_q <= 0, d.f(u_q), 0.0), jnp.where(log_u_p > 0, d.f(u_p) / u_p, 0.0))
+                 for d in DIVERGENCES.values()]
+        return (jnp.mean(log_u_p), jnp.stack([jnp.mean(q) + jnp.mean(p) for q, p in terms]),
+                jnp.stack([jnp.sqrt((jnp.var(q) + jnp.var(p)) / 2000) for q, p in terms]))
+
+    def trusted(value, capped, error=0.0):
+        return jnp.where(jnp.maximum(jnp.abs(value - capped), error) <= 0.05 * jnp.abs(value), value, jnp.inf)
+    (kl_pq, d_f, error), (kl_capped, d_f_capped, _) = estimates(log_u_p), estimates(jnp.minimum(log_u_p,
+                                                                                                 math.log(len(fit))))
+    return (jnp.stack([1 - small_mode, small_mode, low_density, trusted(kl_pq, kl_capped), -jnp.mean(log_u_q)]),
+            trusted(d_f, d_f_capped, error))
 
 
 generate_each = jax.jit(jax.vmap(generator_apply, (0, None)))     # params stacked on axis 0, the same z for each
@@ -515,25 +529,34 @@ class Result(NamedTuple):
 
 
 def evaluation(data, trainings, key):
-    """Every model's row.  D_f: the best Gaussian's exact value; a GAN's critic's estimate, its last tenth of steps."""
+    """Every model's row.  True D_f: a Gaussian's exact value (the MLE's: forward KL, which it minimises); a GAN's
+    estimate from evaluate.  The critic's F: the mean of the critic's estimate over the last tenth of steps."""
     z = random.uniform(key, (NUM_SAMPLES, LATENT_DIM))
     gaussian_points = functools.partial(random.multivariate_normal, key, shape=(NUM_SAMPLES,))
-    labels, points, d_f, samples = ["MLE Gaussian"], [gaussian_points(data.mle_mean, data.mle_cov)], [np.nan], {}
+
+    def row(points, divergence, exact=None, critic=np.nan):
+        columns, d_f = evaluate(points, data, key)
+        return [*columns, d_f[index_of(divergence)] if exact is None else exact, critic]
+    mle = gaussian_points(data.mle_mean, data.mle_cov)
+    labels, samples = ["MLE Gaussian"], {}
+    rows = [row(mle, "forward", gaussian_divergence(index_of("forward"), data.mle_mean, data.mle_cov, data))]
     for d, t in trainings.items():
-        mean, cov = best_gaussian(d, data)
+        mean, cov = best_gaussian(index_of(d), data)
         samples[d] = np.asarray(generate_each(t.state.average, z))
-        seeds = range(len(t.bounds))
-        labels += [f"{d}: best Gaussian"] + [f"{d}: GAN" + f", seed {s}" * (len(seeds) > 1) for s in seeds]
-        points += [gaussian_points(mean, cov), *samples[d]]
-        d_f += [gaussian_divergence(d, mean, cov, data), *np.mean(t.bounds[:, -t.bounds.shape[1] // 10:], axis=1)]
-    rows = np.column_stack([np.stack([evaluate(p, data, key) for p in points]), d_f])
-    return Result(labels, rows, samples, np.asarray(points[0]))
+        critic = np.mean(t.bounds[:, -t.bounds.shape[1] // 10:], axis=1)      # each seed's
+        labels += [f"{d}: best Gaussian"] + [f"{d}: GAN" + f", seed {i}" * (len(critic) > 1)
+                                             for i in range(len(critic))]
+        rows += [row(gaussian_points(mean, cov), d, gaussian_divergence(index_of(d), mean, cov, data))]
+        rows += [row(points, d, critic=c) for points, c in zip(samples[d], critic)]
+    return Result(labels, np.array(rows, dtype=float), samples, np.asarray(mle))
 
 
 def format_table(labels, rows):
+    """The table: a blank where a row has no value (NaN), "unreliable" where an estimate is not to be trusted (inf)."""
     width = max(map(len, labels))
     return "\n".join([" " * width + "".join(f"{c:>12}" for c in COLUMNS)] + [
-        (f"{label:<{width}}" + "".join(f"{v:>12.3f}" if np.isfinite(v) else " " * 12 for v in row)).rstrip()
+        (f"{label:<{width}}" + "".join(f"{v:>12.3f}" if np.isfinite(v) else " " * 12 if np.isnan(v)
+                                       else f"{'unreliable':>12}" for v in row)).rstrip()
         for label, row in zip(labels, rows)])
 
 
@@ -543,23 +566,18 @@ def format_table(labels, rows):
 
 
 def plot_dataset(ax, points, cmap="Reds", size=1.0):
-    """The post's sns.kdeplot(x, y, cmap=cmap) of the first 1000 points, in plain matplotlib: the kernel density
-    estimate's contours at the heights above which lie 95%, 85%, ..., 5% and 0% of its mass (seaborn's levels)."""
+    """The post's plot_dataset: seaborn's kdeplot of the first 1000 points; its grid 100 x 100, not 200 x 200."""
+    import seaborn as sns
     ax.set(aspect="equal", xlim=(0, size), ylim=(0, size))
     ax.tick_params(labelsize=10)
-    axis = np.linspace(0, size, 100)
-    grid = np.stack(np.meshgrid(axis, axis), axis=-1).reshape(-1, 2)
-    density = np.exp(np.asarray(kde_log_density(grid, jnp.asarray(points[:1000]))))
-    heights = np.sort(density)[::-1]
-    levels = heights[np.searchsorted(np.cumsum(heights) / heights.sum(), 1 - np.linspace(0.05, 1, 10))]
-    ax.contour(axis, axis, density.reshape(100, 100), levels=np.unique(levels), cmap=cmap)
+    sns.kdeplot(x=points[:1000, 0], y=points[:1000, 1], cmap=cmap, ax=ax, gridsize=100)
 
 
 def figure(data, panels, bounds=None):
-    """One kdeplot panel per (title, points), P under each; with bounds ({name: (seeds, steps)}), a last panel
-    with the critic's estimate of each divergence over training."""
+    """One kdeplot panel per (title, points), P under each; with bounds ({name: (history (seeds, steps), the best
+    Gaussian's D_f, seed 0's true D_f)}), a last panel: the critic's estimate over training, and where it should end."""
     import matplotlib.patches as mpatches
-    from matplotlib import colormaps
+    import seaborn as sns
     from matplotlib.figure import Figure
     wide = bounds is not None
     fig = Figure(figsize=(5 * len(panels) + 6 * wide, 5.2), layout="constrained")
@@ -568,18 +586,23 @@ def figure(data, panels, bounds=None):
         plot_dataset(ax, data)
         plot_dataset(ax, points, cmap="Blues")
         ax.set_title(title, fontsize=11)
-    axes[0].legend(handles=[mpatches.Patch(color=colormaps[c](0.43), label=label)
+    axes[0].legend(handles=[mpatches.Patch(color=sns.color_palette(c)[2], label=label)
                             for c, label in (("Reds", "Ground truth"), ("Blues", "Generated data"))], loc="upper left")
-    for (name, history), colour in zip((bounds or {}).items(), colormaps["tab10"].colors):
+    for (name, (history, best, true)), colour in zip((bounds or {}).items(), sns.color_palette("tab10")):
         window = math.gcd(history.shape[1], max(1, history.shape[1] // 200))     # about 200 points a curve
         smooth = np.mean(history.reshape(len(history), -1, window), axis=-1)
         for s, curve in enumerate(smooth):          # seed 0 bold, the others faint
             axes[-1].plot((np.arange(len(curve)) + 0.5) * window, curve, color=colour, lw=1.6 if s == 0 else 0.6,
                           alpha=1 if s == 0 else 0.35, label=name if s == 0 else None)
-    if wide:
-        axes[-1].set(xlabel="training step", ylabel="critic's estimate (nats)",
-                     title="E_P[T] - E_Q[f*(T)], the f-GAN lower bound")
-        axes[-1].legend(loc="best")
+        axes[-1].axhline(best, color=colour, ls="--", lw=1)
+        if np.isfinite(true):       # not where it is 'unreliable'
+            axes[-1].axhline(true, color=colour, ls=":", lw=1.4)
+    if wide:        # the y range from where the estimates converge, not from the first steps' spikes
+        top = 1.5 * max(b[1] for b in bounds.values())
+        axes[-1].set(xlabel="training step", ylabel="nats", ylim=(-0.1 * top, top))
+        axes[-1].set_title("the critic's estimate E_P[T] - E_Q[f*(T)], seed 0 bold\n"
+                           "dashed: the best Gaussian's D_f; dotted: seed 0's true D_f", fontsize=10)
+        axes[-1].legend(loc="upper right")
     return fig
 
 
@@ -605,7 +628,7 @@ def write_animation(path, data, trainings):
         v = jax.vmap(critic_apply, (0, None))(critic_params, grid)
         log_ratio = np.asarray(DIVERGENCES[d].log_ratio(v)).reshape(-1, GRID, GRID)
         estimates = [np.mean(training.bounds[0, max(0, s - 100):max(1, s)]) for s in steps]    # F, 100 steps
-        image = ax.imshow(log_ratio[0], extent=(0, 1, 0, 1), origin="lower", vmin=-4, vmax=4,
+        image = ax.imshow(log_ratio[0], extent=(0, 1, 0, 1), origin="lower", vmin=-4, vmax=4, interpolation="nearest",
                           cmap=colormaps["RdBu_r"].resampled(16))       # 16 flat colours: a GIF has 256
         ax.contour(axis, axis, log_p, levels=np.quantile(log_p, [0.6, 0.75, 0.9, 0.97]), colors="k", linewidths=0.8)
         dots = ax.scatter(*points[0].T, s=2, c="#222222", linewidths=0)
@@ -656,13 +679,11 @@ def atomic_outputs():
 
 
 def report(result, trainings, log):
-    """The table, and one line per divergence over its seeds; returns the models that diverged."""
+    """The table; returns the models that diverged."""
     log(f"\nshares of {NUM_SAMPLES} points of each model in each mode and in P's low-density region (below its 2% "
-        "quantile);\nKL in nats with P's exact density and a kernel estimate of Q's; D_f in nats:\n"
-        + format_table(result.labels, result.rows))
-    for d, s in result.samples.items() if len(next(iter(result.samples.values()))) > 1 else ():
-        share = result.rows[[label.startswith(f"{d}: GAN") for label in result.labels], 1]
-        log(f"{DIVERGENCES[d].name}, {len(s)} seeds: {share.min():.3f} to {share.max():.3f} in the 0.25 mode")
+        "quantile); in nats, KL and the\nrow's true D_f(P||Q) with P's exact density and a kernel estimate of Q's "
+        "(a Gaussian's D_f exact; the MLE's is KL(P||Q)),\n'unreliable' where Q has next to no points; the critic's "
+        "F, its estimate of D_f from below:\n" + format_table(result.labels, result.rows))
     return [f"{d} seed {i}" for d, s in result.samples.items() for i in range(len(s))
             if not np.isfinite(trainings[d].bounds[i]).all() or s[i].std(axis=0).min() < 1e-5]
 
@@ -670,15 +691,17 @@ def report(result, trainings, log):
 def write_outputs(out, data, trainings, result, plot, animate, compare, save_samples, settings):
     """The figures (into out), the animation and the .npz, written whole or not at all: returns their paths."""
     points, samples, figures = np.asarray(data.points), result.samples, {}
+    best = {d: result.labels.index(f"{d}: best Gaussian") for d in samples}     # its row; seed 0's is the next
     if plot:
         figures["mle_fit.png"] = figure(points, [("MLE Gaussian (forward-KL optimum)", result.mle)])
-        panels = [(f"{DIVERGENCES[d].name}: {result.rows[result.labels.index(f'{d}: best Gaussian') + 1, 1]:.2f} "
-                   "in the 0.25 mode", s[0]) for d, s in samples.items()]
+        panels = [(f"{DIVERGENCES[d].name}: {result.rows[best[d] + 1, 1]:.2f} in the 0.25 mode", s[0])
+                  for d, s in samples.items()]
         if not compare:
             figures[f"generated_{next(iter(samples))}.png"] = figure(points, panels)
         else:
-            figures["compare.png"] = figure(points, [("MLE Gaussian", result.mle)] + panels,
-                                            {DIVERGENCES[d].name: t.bounds for d, t in trainings.items()})
+            d_f = result.rows[:, COLUMNS.index("true D_f")]
+            figures["compare.png"] = figure(points, [("MLE Gaussian", result.mle)] + panels, {
+                DIVERGENCES[d].name: (t.bounds, d_f[best[d]], d_f[best[d] + 1]) for d, t in trainings.items()})
     written = [os.path.join(out, name) for name in figures] + [os.path.join(out, "training.gif")] * animate
     with atomic_outputs() as path:
         for fig, final in zip(figures.values(), written):
@@ -698,18 +721,17 @@ def main(argv=None, log=print):
     data_key, train_key, eval_key = random.split(random.key(args.seed), 3)
     data = make_data(data_key)
     log(f"data: {len(data.points)} points, scaled by min {float(data.lo):.3f} and max {float(data.hi):.3f}")
-    trainings = {}
     schedule = Schedule(args.lr_gen, args.lr_disc, args.noise, args.steps)
     seed_keys = jax.vmap(lambda i: random.fold_in(train_key, i))(jnp.arange(args.seeds))    # seed i's, whatever --seeds
-    for d in args.divergences:
-        log(f"training {args.seeds} generator(s) with {DIVERGENCES[d].name}, {args.objective} objective:")
-        trainings[d] = train_seeds(d, args.objective, schedule, seed_keys, data.points, args.batch_size, log)
+    log(f"training {args.seeds} generator(s) for each of {', '.join(args.divergences)}, {args.objective} objective:")
+    trainings = train_runs(args.divergences, args.objective, schedule, seed_keys, data, args.batch_size,
+                           args.start_width, log)
     result = evaluation(data, trainings, eval_key)
     if failed := report(result, trainings, log):
         log(f"error: training diverged ({', '.join(failed)}): try smaller --lr-gen and --lr-disc. Nothing was "
             "written.", file=sys.stderr)
         return 1
-    settings = {k: getattr(args, k) for k in ("objective", "steps", "batch_size", "lr_gen", "lr_disc", "noise", "seed")}
+    settings = {k: getattr(args, k) for k in ("objective", *DEFAULTS["saddle"], "seed")}
     written = write_outputs(args.out, data, trainings, result, not args.no_plot, args.animate,
                             args.compare is not None, args.save_samples, settings)
     log(f"\nwritten: {', '.join(written) or 'nothing'}\ntime: {time.perf_counter() - started:.1f} s")
@@ -718,8 +740,7 @@ def main(argv=None, log=print):
 
 if __name__ == "__main__":
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))    # unwinds like Ctrl-C
-    # read when JAX starts: one CPU device per core, so that seeds on the CPU are sharded over every core; XLA's LLVM
-    # at -O2, which on this repo's CPU compiles the training program in a third of the time, to the same numbers
+    # read when JAX starts: one CPU device per core, so that runs are sharded over every core; LLVM at -O2 (README)
     os.environ["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={os.cpu_count()} "
                                "--xla_backend_optimization_level=2 " + os.environ.get("XLA_FLAGS", ""))
     # JAX's persistent compilation cache: a second run compiles nothing (JAX_ENABLE_COMPILATION_CACHE=false: off)
