@@ -283,8 +283,8 @@ def apply(field, divergence, x):
 
 def f_gan_objective(v_real, v_fake, divergence):
     """F = E_P[g_f(V)] - E_Q[f*(g_f(V))] from the critic's outputs: F <= D_f(P||Q), with equality at T* = f'(p/q)."""
-    return jnp.mean(apply("activation", divergence, v_real)) - jnp.mean(apply("conjugate_of_activation", divergence,
-                                                                               v_fake))
+    real, fake = apply("activation", divergence, v_real), apply("conjugate_of_activation", divergence, v_fake)
+    return jnp.mean(real) - jnp.mean(fake)
 
 
 def discriminator_loss(critic_params, real, fake, divergence):
@@ -360,7 +360,6 @@ def init_state(key, mean, cov, start_width):
         W = math.sqrt(12) * start_width * frame @ jnp.linalg.cholesky(jacobian[:, None] * cov * jacobian).T
         gen_params = [(W, jnp.log(mean / (1 - mean)) - W.sum(0) / 2), ()]
     return State(adam_init(gen_params), adam_init(critic_params), gen_params)
-
 
 
 def sample_batch(data, i, key, batch_size):
@@ -446,8 +445,8 @@ def train_runs(divergences, objective, schedule, keys, data, batch_size, start_w
     seeds = len(keys)
     indices, keys = np.repeat([index_of(d) for d in divergences], seeds), jnp.concatenate([keys] * len(divergences))
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:math.gcd(len(keys), jax.device_count())]), ("runs",))
-    states = jax.jit(jax.vmap(init_state, (0, None, None, None)), static_argnums=3)(keys, data.mle_mean, data.mle_cov,
-                                                                                  start_width)
+    init = jax.jit(jax.vmap(init_state, (0, None, None, None)), static_argnums=3)      # a state per run
+    states = init(keys, data.mle_mean, data.mle_cov, start_width)
     states, indices, keys = jax.device_put((states, indices, keys), NamedSharding(mesh, PartitionSpec("runs")))
     points = jax.device_put(data.points, NamedSharding(mesh, PartitionSpec()))      # a copy on every device
     schedule = Schedule(*map(np.float32, schedule))
@@ -501,10 +500,10 @@ def evaluate(q_samples, data, key):
     low_density = jnp.mean(logsumexp(comps, axis=-1) < data.low_density)
     fresh, fit = q_samples[:2000], q_samples[2000:]
     log_u_p = mixture_log_density(real, data.lo, data.hi) - kde_log_density(real, fit)
-    log_u_q = jnp.clip(logsumexp(comps[:2000], axis=-1) - kde_log_density(fresh, fit), -40, 40)
+    log_u_q = logsumexp(comps[:2000], axis=-1) - kde_log_density(fresh, fit)
 
     def estimates(log_u_p):      # KL(P||Q), each D_f and its standard error: each term where its points are dense
-        u_p, u_q = jnp.exp(jnp.clip(log_u_p, -40, 40)), jnp.exp(log_u_q)
+        u_p, u_q = (jnp.exp(jnp.clip(log_u, -40, 40)) for log_u in (log_u_p, log_u_q))     # no overflow in f(u)
         terms = [(jnp.where(log_u_q <= 0, d.f(u_q), 0.0), jnp.where(log_u_p > 0, d.f(u_p) / u_p, 0.0))
                  for d in DIVERGENCES.values()]
         return (jnp.mean(log_u_p), jnp.stack([jnp.mean(q) + jnp.mean(p) for q, p in terms]),
@@ -512,8 +511,8 @@ def evaluate(q_samples, data, key):
 
     def trusted(value, capped, error=0.0):
         return jnp.where(jnp.maximum(jnp.abs(value - capped), error) <= 0.05 * jnp.abs(value), value, jnp.inf)
-    (kl_pq, d_f, error), (kl_capped, d_f_capped, _) = estimates(log_u_p), estimates(jnp.minimum(log_u_p,
-                                                                                                 math.log(len(fit))))
+    (kl_pq, d_f, error), (kl_capped, d_f_capped, _) = estimates(log_u_p), estimates(
+        jnp.minimum(log_u_p, math.log(len(fit))))
     return (jnp.stack([1 - small_mode, small_mode, low_density, trusted(kl_pq, kl_capped), -jnp.mean(log_u_q)]),
             trusted(d_f, d_f_capped, error))
 
