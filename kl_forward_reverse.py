@@ -679,10 +679,9 @@ def atomic_outputs():
 
 def report(result, trainings, log):
     """The table; returns the models that diverged."""
-    log(f"\nshares of {NUM_SAMPLES} points of each model in each mode and in P's low-density region (below its 2% "
-        "quantile); in nats, KL and the\nrow's true D_f(P||Q) with P's exact density and a kernel estimate of Q's "
-        "(a Gaussian's D_f exact; the MLE's is KL(P||Q)),\n'unreliable' where Q has next to no points; the critic's "
-        "F, its estimate of D_f from below:\n" + format_table(result.labels, result.rows))
+    log(f"\nshares of {NUM_SAMPLES} points per model in each mode and in P's low-density region (below its 2% "
+        "quantile); KL and true D_f(P||Q) in\nnats, P's density exact, Q's a kernel estimate (a Gaussian's D_f exact, "
+        "the MLE's KL(P||Q)); the critic's F: its bound:\n" + format_table(result.labels, result.rows))
     return [f"{d} seed {i}" for d, s in result.samples.items() for i in range(len(s))
             if not np.isfinite(trainings[d].bounds[i]).all() or s[i].std(axis=0).min() < 1e-5]
 
