@@ -362,6 +362,9 @@ def init_state(key, mean, cov, start_width):
     return State(adam_init(gen_params), adam_init(critic_params), gen_params)
 
 
+init_states = jax.jit(jax.vmap(init_state, (0, None, None, None)), static_argnums=3)     # a state per key: one program
+
+
 def sample_batch(data, i, key, batch_size):
     """Step i's batch from fold_in(key, i) alone: data points with replacement (the post's np.random.choice), z, and
     standard normal draws for the instance noise, (2, n, 2)."""
@@ -445,8 +448,7 @@ def train_runs(divergences, objective, schedule, keys, data, batch_size, start_w
     seeds = len(keys)
     indices, keys = np.repeat([index_of(d) for d in divergences], seeds), jnp.concatenate([keys] * len(divergences))
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:math.gcd(len(keys), jax.device_count())]), ("runs",))
-    init = jax.jit(jax.vmap(init_state, (0, None, None, None)), static_argnums=3)      # a state per run
-    states = init(keys, data.mle_mean, data.mle_cov, start_width)
+    states = init_states(keys, data.mle_mean, data.mle_cov, start_width)
     states, indices, keys = jax.device_put((states, indices, keys), NamedSharding(mesh, PartitionSpec("runs")))
     points = jax.device_put(data.points, NamedSharding(mesh, PartitionSpec()))      # a copy on every device
     schedule = Schedule(*map(np.float32, schedule))
